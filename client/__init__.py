@@ -1,0 +1,1 @@
+"""Client API over tritonclient (HTTP and gRPC, streaming) and load generation."""
