@@ -1,0 +1,188 @@
+"""Talk to a tritonllm deployment: `generate` (whole answer) and `stream` (pieces as they come), over gRPC or HTTP.
+
+gRPC uses tritonclient's bidirectional stream (decoupled models answer only there); HTTP uses Triton's
+`/v2/models/<model>/generate_stream` (server-sent events), since `/generate` cannot serve a decoupled model.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Literal
+
+import numpy as np
+import requests
+
+Protocol = Literal["grpc", "http"]
+
+
+class GenerationError(RuntimeError):
+    """The server refused or failed a request. `status` is the gRPC status name or the HTTP status code."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class GenerationParams:
+    """Optional inputs of the ensemble contract; None means "not sent" (the server default applies)."""
+
+    max_tokens: int = 64
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    min_tokens: int | None = None
+    end_id: int | None = None
+    pad_id: int | None = None
+    stop_words: list[str] | None = None
+    bad_words: list[str] | None = None
+    exclude_input_in_output: bool | None = True
+    apply_chat_template: bool | None = None
+    tenant: str | None = None  # front model only
+    cache: str | None = None  # front model only: use | bypass | refresh
+
+
+# name -> (Triton datatype, numpy dtype); lists become BYTES [-1]
+_INPUT_TYPES: dict[str, tuple[str, object]] = {
+    "max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
+    "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64), "min_tokens": ("INT32", np.int32),
+    "end_id": ("INT32", np.int32), "pad_id": ("INT32", np.int32), "stop_words": ("BYTES", np.object_),
+    "bad_words": ("BYTES", np.object_), "exclude_input_in_output": ("BOOL", np.bool_),
+    "apply_chat_template": ("BOOL", np.bool_), "tenant": ("BYTES", np.object_), "cache": ("BYTES", np.object_),
+}
+
+
+@dataclass
+class StreamEvent:
+    """One response of a stream: a text piece plus the front model's cache outputs when present."""
+
+    text: str
+    cache_hit: bool | None = None
+    cache_similarity: float | None = None
+    received_at: float = field(default_factory=time.perf_counter)
+
+
+def request_arrays(prompt: str | bytes, params: GenerationParams, stream: bool) -> dict[str, tuple[str, np.ndarray]]:
+    """Input name -> (datatype, array with the batch dim of 1) for the ensemble contract."""
+    text = prompt.encode() if isinstance(prompt, str) else prompt
+    arrays = {"text_input": ("BYTES", np.array([[text]], dtype=np.object_)),
+              "stream": ("BOOL", np.array([[stream]], dtype=np.bool_))}
+    for name, value in asdict(params).items():
+        if value is None:
+            continue
+        datatype, dtype = _INPUT_TYPES[name]
+        if isinstance(value, list):
+            row = [w.encode() if isinstance(w, str) else w for w in value]
+            arrays[name] = (datatype, np.array([row], dtype=dtype))
+        else:
+            arrays[name] = (datatype, np.array([[value.encode() if isinstance(value, str) else value]], dtype=dtype))
+    return arrays
+
+
+class LLMClient:
+    """Client of one model (the `ensemble`, or the front `llm` model with the semantic cache)."""
+
+    def __init__(self, url: str, protocol: Protocol = "grpc", model: str = "ensemble", timeout: float = 300.0):
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
+        self.url, self.protocol, self.model, self.timeout = url, protocol, model, timeout
+
+    def generate(self, prompt: str | bytes, params: GenerationParams | None = None) -> str:
+        """The whole answer, asked for with `stream=false` (one response from the engine)."""
+        return "".join(event.text for event in self.events(prompt, params or GenerationParams(), stream=False))
+
+    def stream(self, prompt: str | bytes, params: GenerationParams | None = None) -> Iterator[str]:
+        for event in self.events(prompt, params or GenerationParams(), stream=True):
+            yield event.text
+
+    def events(self, prompt: str | bytes, params: GenerationParams, stream: bool = True) -> Iterator[StreamEvent]:
+        if self.protocol == "grpc":
+            yield from self._grpc_events(request_arrays(prompt, params, stream))
+        else:
+            yield from self._http_events(_http_body(prompt, params, stream))
+
+    # -- gRPC ------------------------------------------------------------------------------------------------
+    def _grpc_events(self, arrays: dict[str, tuple[str, np.ndarray]]) -> Iterator[StreamEvent]:
+        import tritonclient.grpc as grpcclient
+
+        responses: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.url)
+        inputs = []
+        for name, (datatype, array) in arrays.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                            stream_timeout=self.timeout)
+        finished = False
+        try:
+            client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex,
+                                      enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = responses.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise GenerationError("DEADLINE_EXCEEDED", f"no response within {self.timeout:.0f} s") from None
+                if error is not None:
+                    finished = True
+                    raise GenerationError(_grpc_status(error), error.message())
+                response = result.get_response()
+                if any(output.name == "text_output" for output in response.outputs):
+                    yield _event_from_arrays(result.as_numpy)
+                if response.parameters["triton_final_response"].bool_param:
+                    finished = True
+                    return
+        finally:
+            # Leaving early (consumer broke out of the loop) cancels the request on the server.
+            client.stop_stream(cancel_requests=not finished)
+            client.close()
+
+    # -- HTTP ------------------------------------------------------------------------------------------------
+    def _http_events(self, body: dict[str, object]) -> Iterator[StreamEvent]:
+        url = f"http://{self.url}/v2/models/{self.model}/generate_stream"
+        with requests.post(url, json=body, stream=True, timeout=self.timeout) as reply:
+            if reply.status_code != 200:
+                raise GenerationError(str(reply.status_code), _http_error_message(reply.text))
+            for line in reply.iter_lines():
+                if not line.startswith(b"data:"):
+                    continue
+                payload = json.loads(line[len(b"data:"):])
+                if "error" in payload:
+                    raise GenerationError("400", payload["error"])
+                if "text_output" in payload:
+                    yield StreamEvent(payload["text_output"], payload.get("cache_hit"),
+                                      payload.get("cache_similarity"))
+
+
+def _event_from_arrays(as_numpy) -> StreamEvent:
+    text = b"".join(as_numpy("text_output").reshape(-1).tolist()).decode("utf-8")
+    hit, similarity = as_numpy("cache_hit"), as_numpy("cache_similarity")
+    return StreamEvent(text, None if hit is None else bool(hit.reshape(-1)[0]),
+                       None if similarity is None else float(similarity.reshape(-1)[0]))
+
+
+def _http_body(prompt: str | bytes, params: GenerationParams, stream: bool) -> dict[str, object]:
+    """JSON body of Triton's generate extension: input name -> scalar, or a list for BYTES [-1] inputs."""
+    if isinstance(prompt, bytes):
+        prompt = prompt.decode("utf-8")  # JSON carries text only; send raw bytes over gRPC
+    body: dict[str, object] = {"text_input": prompt, "stream": stream}
+    body.update({name: value for name, value in asdict(params).items() if value is not None})
+    return body
+
+
+def _http_error_message(text: str) -> str:
+    try:
+        return json.loads(text).get("error", text)
+    except ValueError:
+        return text
+
+
+def _grpc_status(error) -> str:
+    status = error.status() or "UNKNOWN"
+    return status.removeprefix("StatusCode.")
