@@ -1,0 +1,56 @@
+"""Triton adapter of the tokenizer step; the logic is tritonllm.python_backends.preprocessing."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tritonllm.python_backends.errors import InvalidArgument
+from tritonllm.python_backends.preprocessing import Preprocessor, stack_prepared
+from tritonllm.python_backends.triton_io import error_response, get_input, row_values
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.preprocessor = Preprocessor(version_dir / parameters["tokenizer_path"],
+                                         int(parameters["max_context_length"]))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                outputs = self._prepare(request)
+            except InvalidArgument as error:
+                responses.append(error_response(error))
+                continue
+            responses.append(pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()]))
+        return responses
+
+    def _prepare(self, request) -> dict:
+        query = get_input(request, "QUERY", np.object_, required=True)
+        batch = query.shape[0]
+        queries = row_values(query, batch, "QUERY", None)
+        max_tokens = row_values(get_input(request, "REQUEST_OUTPUT_LEN", np.int32), batch, "REQUEST_OUTPUT_LEN", None)
+        end_ids = row_values(get_input(request, "END_ID", np.int32), batch, "END_ID", None)
+        pad_ids = row_values(get_input(request, "PAD_ID", np.int32), batch, "PAD_ID", None)
+        chat = row_values(get_input(request, "APPLY_CHAT_TEMPLATE", np.bool_), batch, "APPLY_CHAT_TEMPLATE", False)
+        stop_words = get_input(request, "STOP_WORDS_DICT", np.object_)
+        bad_words = get_input(request, "BAD_WORDS_DICT", np.object_)
+        rows = [
+            self.preprocessor.prepare(
+                query=queries[row],
+                max_tokens=max_tokens[row],
+                stop_words=None if stop_words is None else stop_words[row].reshape(-1).tolist(),
+                bad_words=None if bad_words is None else bad_words[row].reshape(-1).tolist(),
+                end_id=end_ids[row],
+                pad_id=pad_ids[row],
+                apply_chat_template=chat[row],
+            )
+            for row in range(batch)
+        ]
+        return stack_prepared(rows)
