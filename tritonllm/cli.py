@@ -249,7 +249,7 @@ def lint(repository: Path = typer.Argument(..., help="model repository to check"
 
     findings = lint_repository(repository)
     if findings:
-        console.print(format_findings(findings))
+        console.print(format_findings(findings), markup=False, highlight=False)
     errors = [f for f in findings if getattr(f, "severity", "error") == "error"]
     if errors:
         raise typer.Exit(1)

@@ -1,0 +1,99 @@
+"""Triton adapter of the in-flight batching engine (decoupled); the logic is tritonllm.python_backends.engine.
+
+`execute` only converts each request into a GenerationRequest and queues it; the engine's loop thread sends the
+responses (one per new token when streaming, one in all otherwise) on the request's response sender.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tritonllm.builders.model_config import read_parameters, settings_from_parameters
+from tritonllm.builders.settings import EngineSettings
+from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
+from tritonllm.python_backends.errors import InvalidArgument, Unavailable
+from tritonllm.python_backends.sampling import SamplingParams, words_from_list
+from tritonllm.python_backends.stop_criteria import FinishReason
+from tritonllm.python_backends.triton_io import get_input, row_values, triton_error
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _optional_parameter(parameters: dict[str, str], name: str) -> int | None:
+    return int(parameters[name]) if parameters.get(name, "") != "" else None
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        parameters = read_parameters(json.loads(args["model_config"]))
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        settings = settings_from_parameters(EngineSettings, parameters, kind="onnxruntime")
+        self.engine = Engine(version_dir / parameters["onnx_path"], settings,
+                             end_id_default=_optional_parameter(parameters, "end_id"),
+                             pad_id_default=_optional_parameter(parameters, "pad_id") or 0)
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                generation = self._generation_request(request)
+                self.engine.submit(generation, lambda output, sender=sender: self._send(sender, output),
+                                   request.is_cancelled)
+            except (InvalidArgument, Unavailable) as error:
+                sender.send(pb_utils.InferenceResponse(error=triton_error(error)), flags=FINAL)
+        return None
+
+    def finalize(self) -> None:
+        self.engine.shutdown()
+
+    @staticmethod
+    def _generation_request(request) -> GenerationRequest:
+        input_ids = get_input(request, "input_ids", np.int32, required=True)
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+            raise InvalidArgument(f"input_ids must have shape [1, N] (one sequence per request; send one request "
+                                  f"per prompt), got {list(input_ids.shape)}")
+
+        def scalar(name: str, dtype: type, default=None, required: bool = False):
+            return row_values(get_input(request, name, dtype, required), 1, name, default)[0]
+
+        length = scalar("input_lengths", np.int32, input_ids.shape[1])
+        if not 0 < length <= input_ids.shape[1]:
+            raise InvalidArgument(f"input_lengths = {length} is not allowed; allowed: 1..{input_ids.shape[1]} "
+                                  f"(the number of input_ids)")
+
+        def words(name: str):
+            words_list = get_input(request, name, np.int32)  # [1, 2, N]: Triton checked the batch dim
+            return words_from_list(None if words_list is None else words_list[0], name)
+
+        sampling = SamplingParams.from_optional(
+            temperature=scalar("temperature", np.float32), top_k=scalar("runtime_top_k", np.int32),
+            top_p=scalar("runtime_top_p", np.float32), seed=scalar("random_seed", np.uint64),
+            min_tokens=scalar("min_length", np.int32), end_id=scalar("end_id", np.int32),
+            stop_words=words("stop_words_list"), bad_words=words("bad_words_list"))
+        return GenerationRequest(
+            input_ids=input_ids[0, :length].tolist(),
+            max_new_tokens=scalar("request_output_len", np.int32, required=True),
+            sampling=sampling, streaming=bool(scalar("streaming", np.bool_, False)),
+            exclude_input_in_output=bool(scalar("exclude_input_in_output", np.bool_, False)))
+
+    @staticmethod
+    def _send(sender, output: EngineOutput) -> None:
+        """Called on the engine's loop thread for every output of the request."""
+        if output.finish_reason is FinishReason.CANCELLED:
+            error = pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
+        elif output.finish_reason is FinishReason.ERROR:
+            error = (triton_error(output.error) if isinstance(output.error, Unavailable)
+                     else pb_utils.TritonError(str(output.error), pb_utils.TritonError.INTERNAL))
+        else:
+            ids = np.asarray(output.token_ids, dtype=np.int32).reshape(1, 1, -1)
+            tensors = [pb_utils.Tensor("output_ids", ids),
+                       pb_utils.Tensor("sequence_length", np.array([[ids.shape[-1]]], dtype=np.int32)),
+                       pb_utils.Tensor("stream_context_length", np.array([[output.context_length]], dtype=np.int32)),
+                       pb_utils.Tensor("stream_final", np.array([[output.final]], dtype=np.bool_))]
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if output.final else 0)
+            return
+        sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
