@@ -1,0 +1,165 @@
+"""Choosing the next token of every running sequence from one batched logits array.
+
+Greedy rows are decided for the whole batch in one vectorized argmax; sampled rows are drawn one by one in float64
+from each sequence's own random generator, so a seeded request gives the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tritonllm.python_backends.errors import InvalidArgument
+
+UINT64_LIMIT = 2**64
+# Top-p first looks at this many most likely tokens; only when they hold less than top_p of the mass does it sort the
+# whole vocabulary (a full argsort of 49k float64 costs milliseconds per row).
+TOP_P_PRESELECT = 1024
+
+TokenWords = tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. temperature 0 (or top_k 1) is greedy; top_k 0 and top_p 1 are off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None  # None: fresh entropy from the OS
+    min_tokens: int = 0  # end_id is banned until this many tokens were generated
+    end_id: int | None = None  # None: the sequence ends only by max tokens, stop words or cancellation
+    stop_words: TokenWords = ()  # token-id sequences; generation stops after one is produced (it stays in the output)
+    bad_words: TokenWords = ()  # token-id sequences that are never completed
+
+    @classmethod
+    def from_optional(cls, *, temperature: float | None = None, top_k: int | None = None,
+                      top_p: float | None = None, seed: int | None = None, min_tokens: int | None = None,
+                      end_id: int | None = None, stop_words: Sequence[Sequence[int]] = (),
+                      bad_words: Sequence[Sequence[int]] = ()) -> SamplingParams:
+        """Build from request inputs that may be absent.
+
+        A request that names no sampling input is greedy (as in TensorRT-LLM); one that asks only for top_k or
+        top_p samples at temperature 1.
+        """
+        if temperature is None:
+            asks_sampling = (top_k is not None and top_k != 1) or (top_p is not None and top_p < 1.0)
+            temperature = 1.0 if asks_sampling else 0.0
+        return cls(temperature=float(temperature), top_k=0 if top_k is None else int(top_k),
+                   top_p=1.0 if top_p is None else float(top_p), seed=None if seed is None else int(seed),
+                   min_tokens=0 if min_tokens is None else int(min_tokens), end_id=end_id,
+                   stop_words=tuple(tuple(int(i) for i in word) for word in stop_words),
+                   bad_words=tuple(tuple(int(i) for i in word) for word in bad_words))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise InvalidArgument naming the first input out of its allowed range."""
+        _require(math.isfinite(self.temperature) and self.temperature >= 0.0, "temperature", self.temperature,
+                 "a finite value >= 0 (0 = greedy)")
+        _require(0 <= self.top_k <= vocab_size, "top_k", self.top_k, f"0 (off) .. vocabulary size {vocab_size}")
+        _require(math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p, "0 < top_p <= 1")
+        _require(self.seed is None or 0 <= self.seed < UINT64_LIMIT, "seed", self.seed, "0 .. 2**64-1")
+        _require(self.min_tokens >= 0, "min_tokens", self.min_tokens, ">= 0")
+        _require(self.end_id is None or 0 <= self.end_id < vocab_size, "end_id", self.end_id,
+                 f"a token id in 0..{vocab_size - 1}")
+        for name, words in (("stop_words", self.stop_words), ("bad_words", self.bad_words)):
+            for word in words:
+                _require(len(word) > 0 and all(0 <= i < vocab_size for i in word), name, list(word),
+                         f"non-empty token-id lists with ids in 0..{vocab_size - 1}")
+
+
+def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise InvalidArgument(f"{name} = {value!r} is not allowed; allowed: {allowed}")
+
+
+class Sampler:
+    """Token choice for one sequence: its bans (bad words, min_tokens) and, when sampling, its own generator."""
+
+    def __init__(self, params: SamplingParams, prompt_length: int) -> None:
+        self.params = params
+        self.prompt_length = prompt_length
+        self.rng = np.random.default_rng(params.seed)
+        self._always_banned = [word[0] for word in params.bad_words if len(word) == 1]
+        self._banned_after = [(word[:-1], word[-1]) for word in params.bad_words if len(word) > 1]
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.greedy
+
+    def banned_ids(self, history: Sequence[int]) -> list[int]:
+        """Ids that must not come next after `history` (prompt + generated ids)."""
+        banned = list(self._always_banned)
+        for prefix, last in self._banned_after:
+            if len(history) >= len(prefix) and tuple(history[len(history) - len(prefix):]) == prefix:
+                banned.append(last)
+        end_id = self.params.end_id
+        if end_id is not None and len(history) - self.prompt_length < self.params.min_tokens:
+            banned.append(end_id)
+        return banned
+
+    def sample(self, logits: np.ndarray, banned: Sequence[int]) -> int:
+        """Draw one id from float32 logits [V] with temperature, top-k and top-p, in float64."""
+        scores = logits.astype(np.float64) / self.params.temperature
+        if banned:
+            scores[list(banned)] = -np.inf
+        top_k = self.params.top_k
+        if 0 < top_k < scores.size:
+            candidates = np.argpartition(-scores, top_k - 1)[:top_k]
+        else:
+            candidates = np.arange(scores.size)
+        probs = np.exp(scores[candidates] - scores[candidates].max())
+        probs /= probs.sum()
+        if self.params.top_p < 1.0:
+            candidates, probs = _nucleus(candidates, probs, self.params.top_p)
+        cumulative = np.cumsum(probs)
+        pick = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
+        return int(candidates[min(pick, candidates.size - 1)])
+
+
+def _nucleus(candidates: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest most-likely set of candidates holding at least top_p of the mass."""
+    if probs.size > TOP_P_PRESELECT:
+        head = np.argpartition(-probs, TOP_P_PRESELECT - 1)[:TOP_P_PRESELECT]
+        if probs[head].sum() >= top_p:
+            candidates, probs = candidates[head], probs[head]
+    order = np.argsort(-probs, kind="stable")
+    sorted_probs = probs[order]
+    keep = int(np.searchsorted(np.cumsum(sorted_probs), top_p, side="left")) + 1
+    return candidates[order[:keep]], sorted_probs[:keep]
+
+
+def sample_batch(logits: np.ndarray, samplers: Sequence[Sampler], histories: Sequence[Sequence[int]]) -> np.ndarray:
+    """Next id of every row of logits [B, V]: one argmax call for all greedy rows, one draw per sampled row."""
+    next_ids = np.empty(len(samplers), dtype=np.int64)
+    bans = [sampler.banned_ids(history) for sampler, history in zip(samplers, histories)]
+    greedy_rows = [row for row, sampler in enumerate(samplers) if sampler.greedy]
+    if greedy_rows:
+        greedy_logits = logits if len(greedy_rows) == len(samplers) else logits[greedy_rows]
+        if any(bans[row] for row in greedy_rows):
+            greedy_logits = np.array(greedy_logits, copy=True)
+            for position, row in enumerate(greedy_rows):
+                greedy_logits[position, bans[row]] = -np.inf
+        next_ids[greedy_rows] = np.argmax(greedy_logits, axis=1)
+    for row, sampler in enumerate(samplers):
+        if not sampler.greedy:
+            next_ids[row] = sampler.sample(logits[row], bans[row])
+    return next_ids
+
+
+def words_from_list(words_list: np.ndarray | None, name: str) -> TokenWords:
+    """Token-id words from TensorRT-LLM's words list [2, N]: row 0 ids, row 1 end offsets padded with -1."""
+    if words_list is None:
+        return ()
+    if words_list.ndim != 2 or words_list.shape[0] != 2:
+        raise InvalidArgument(f"{name} must have shape [2, N] (ids, end offsets), got {list(words_list.shape)}")
+    ids, ends = words_list[0].tolist(), [end for end in words_list[1].tolist() if end >= 0]
+    if any(later <= earlier for earlier, later in zip([0] + ends, ends)) or (ends and ends[-1] > len(ids)):
+        raise InvalidArgument(f"{name}: end offsets {ends} must be increasing and at most {len(ids)}")
+    return tuple(tuple(ids[start:end]) for start, end in zip([0] + ends, ends))

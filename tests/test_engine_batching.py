@@ -1,0 +1,396 @@
+"""The in-flight batching engine on a tiny random Llama exported to ONNX (no server)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tritonllm.builders.settings import EngineSettings
+from tritonllm.python_backends.detokenizer import ENGINE_CONTEXT_TOKENS
+from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
+from tritonllm.python_backends.errors import InvalidArgument, Unavailable
+from tritonllm.python_backends.onnx_runner import DecodeBatch, OnnxRunner
+from tritonllm.python_backends.sampling import SamplingParams
+from tritonllm.python_backends.stop_criteria import FinishReason
+
+VOCAB = 49152
+
+
+def _export_tiny_llama(root: Path, last_logits_only: bool) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tritonllm.builders.onnx_export import export_decoder
+
+    torch.manual_seed(0)
+    # initializer_range 0.1 spreads the logits (top-2 gap ~0.13) so fp32 noise from batching cannot flip an argmax.
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+                         initializer_range=0.1)
+    LlamaForCausalLM(config).save_pretrained(root / "hf")
+    return export_decoder(root / "hf", root / "onnx", "fp32", last_logits_only=last_logits_only)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    return _export_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), last_logits_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx_all_logits(tmp_path_factory) -> Path:
+    return _export_tiny_llama(tmp_path_factory.mktemp("tiny-llama-all"), last_logits_only=False)
+
+
+def settings(**changes) -> EngineSettings:
+    values = {"max_batch_size": 16, "max_queue_size": 64, "max_context_length": 256, "kv_cache_max_tokens": 8192,
+              "prefill_chunk_tokens": 64, "intra_op_threads": 1}
+    return EngineSettings(**{**values, **changes})
+
+
+@dataclass
+class Collector:
+    """Outputs of one request, with a flag set on its final output."""
+
+    outputs: list[EngineOutput] = field(default_factory=list)
+    finished: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+
+    def emit(self, output: EngineOutput) -> None:
+        self.outputs.append(output)
+        if output.final:
+            self.finished.set()
+
+    def wait(self) -> EngineOutput:
+        assert self.finished.wait(60), "no final output within 60 s"
+        return self.outputs[-1]
+
+    @property
+    def generated(self) -> list[int]:
+        """Ids of the sequence as a client sees them: non-streaming final ids, or the new ids of every piece."""
+        return [token for output in self.outputs for token in output.token_ids[output.context_length:]]
+
+
+def run(engine: Engine, request: GenerationRequest) -> Collector:
+    collector = Collector()
+    engine.submit(request, collector.emit, lambda: collector.cancelled)
+    collector.wait()
+    return collector
+
+
+def prompts(count: int, seed: int = 0, shortest: int = 1, longest: int = 60) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, VOCAB, int(rng.integers(shortest, longest + 1))).tolist() for _ in range(count)]
+
+
+def greedy(prompt: list[int], max_new_tokens: int, **request) -> GenerationRequest:
+    return GenerationRequest(prompt, max_new_tokens, exclude_input_in_output=True, **request)
+
+
+def test_runner_reads_the_model_facts(tiny_onnx, tiny_onnx_all_logits):
+    runner = OnnxRunner(tiny_onnx / "model.onnx")
+    assert (runner.num_layers, runner.kv_heads, runner.head_dim, runner.vocab_size) == (2, 2, 16, VOCAB)
+    assert runner.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+    assert not runner.logits_all_positions
+    assert OnnxRunner(tiny_onnx_all_logits / "model.onnx").logits_all_positions
+
+
+def test_chunked_prefill_matches_whole_prefill_for_both_logits_layouts(tiny_onnx, tiny_onnx_all_logits):
+    group_prompts = prompts(3, seed=1, shortest=20, longest=40)
+    whole = OnnxRunner(tiny_onnx / "model.onnx").prefill(group_prompts, pad_id=0, chunk_tokens=10_000)
+    for path in (tiny_onnx, tiny_onnx_all_logits):
+        runner = OnnxRunner(path / "model.onnx")
+        chunked = runner.prefill(group_prompts, pad_id=0, chunk_tokens=3 * 7)  # 7 columns per chunk
+        assert runner.counters.prefill_runs == -(-chunked.columns // 7)
+        np.testing.assert_allclose(chunked.last_logits, whole.last_logits, atol=1e-5)
+        real = whole.attention_mask.astype(bool)  # padding columns hold whatever the masked rows computed
+        for chunked_kv, whole_kv in zip(chunked.cache, whole.cache):
+            np.testing.assert_allclose(chunked_kv.transpose(0, 2, 1, 3)[real], whole_kv.transpose(0, 2, 1, 3)[real],
+                                       atol=1e-5)
+
+
+def test_decode_batch_merge_and_retire_keep_every_row_exact(tiny_onnx):
+    runner = OnnxRunner(tiny_onnx / "model.onnx")
+    rng = np.random.default_rng(2)
+    rows = [rng.integers(3, VOCAB, length).tolist() for length in (25, 6, 4, 30, 3)]
+
+    def alone(prompt: list[int], steps: int) -> list[int]:
+        batch = DecodeBatch(runner)
+        group = runner.prefill([prompt], 0, 1000)
+        batch.merge([group])
+        tokens = [int(group.last_logits[0].argmax())]
+        for _ in range(steps):
+            tokens.append(int(batch.step(np.array(tokens[-1:]))[0].argmax()))
+        return tokens
+
+    expected = [alone(prompt, 10) for prompt in rows]
+    batch = DecodeBatch(runner)
+    tokens: list[list[int]] = []
+    owners: list[int] = []
+
+    def join(members: list[int]) -> None:
+        group = runner.prefill([rows[member] for member in members], 0, 1000)
+        batch.merge([group])
+        tokens.extend([int(t)] for t in group.last_logits.argmax(axis=1))
+        owners.extend(members)
+
+    def leave(members: list[int]) -> None:
+        order = batch.retire([row for row, owner in enumerate(owners) if owner not in members])
+        tokens[:], owners[:] = [tokens[row] for row in order], [owners[row] for row in order]
+
+    join([0, 1])
+    for step in range(10):
+        if step == 2:  # wider than the batch: every running row is re-padded
+            join([2, 3])
+        if step == 4:  # a short row leaves in place: the last row moves into its slot
+            leave([1])
+            assert owners == [0, 3, 2]
+        if step == 6:  # the long rows leave: the remaining row's leading padding is trimmed
+            leave([0, 3])
+            assert batch.columns == int(batch.lengths.max())
+        if step == 7:  # narrower than the batch: appended in place
+            relayout_before = runner.counters.relayout_bytes
+            join([4])
+            assert runner.counters.relayout_bytes - relayout_before == sum(kv[1:].nbytes for kv in batch.cache)
+        logits = batch.step(np.array([t[-1] for t in tokens]))
+        for row_tokens, row_logits in zip(tokens, logits):
+            row_tokens.append(int(row_logits.argmax()))
+    for owner, row_tokens in zip(owners, tokens):
+        assert row_tokens == expected[owner][:len(row_tokens)]
+    assert runner.counters.decode_kv_padding_slots > 0
+
+
+def test_greedy_batched_equals_greedy_alone_with_staggered_arrivals(tiny_onnx):
+    requests = [greedy(prompt, max_new_tokens=4 + index % 13) for index, prompt in enumerate(prompts(32, seed=3))]
+    alone_engine = Engine(tiny_onnx, settings(max_batch_size=1))
+    try:
+        expected = [run(alone_engine, request).generated for request in requests]
+    finally:
+        alone_engine.shutdown()
+
+    engine = Engine(tiny_onnx, settings(max_batch_size=16, prefill_chunk_tokens=48))
+    collectors = [Collector() for _ in requests]
+    delays = np.random.default_rng(4).uniform(0, 0.03, size=len(requests))
+
+    def client(index: int) -> None:
+        time.sleep(float(delays[index]) * (index % 4))
+        engine.submit(requests[index], collectors[index].emit)
+
+    try:
+        threads = [threading.Thread(target=client, args=(index,)) for index in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for collector in collectors:
+            collector.wait()
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert [collector.generated for collector in collectors] == expected
+    assert stats.tokens_generated == sum(len(tokens) for tokens in expected)
+    assert stats.prompt_tokens == sum(len(request.input_ids) for request in requests)
+    assert stats.finished == {"length": 32}
+    assert stats.kv_tokens_reserved == 0 and stats.running == 0
+    assert stats.decode_steps < sum(len(tokens) for tokens in expected)  # steps were shared
+
+
+def test_seeded_sampling_repeats_whatever_the_batch_mates_and_greedy_rows_stay_greedy(tiny_onnx):
+    seeded = GenerationRequest(prompts(1, seed=5)[0], 16, SamplingParams(temperature=0.9, top_k=50, top_p=0.95,
+                                                                         seed=2024), exclude_input_in_output=True)
+    greedy_request = greedy(prompts(1, seed=6)[0], 16)
+    engine = Engine(tiny_onnx, settings())
+    try:
+        seeded_alone = run(engine, seeded).generated
+        greedy_alone = run(engine, greedy_request).generated
+        mates = [GenerationRequest(prompt, 16, SamplingParams(temperature=1.0)) for prompt in prompts(5, seed=7)]
+        collectors = {name: Collector() for name in ("seeded", "greedy", *range(len(mates)))}
+        for name, request in [("seeded", seeded), ("greedy", greedy_request), *enumerate(mates)]:
+            engine.submit(request, collectors[name].emit)
+        for collector in collectors.values():
+            collector.wait()
+    finally:
+        engine.shutdown()
+    assert collectors["seeded"].generated == seeded_alone
+    assert collectors["greedy"].generated == greedy_alone
+    assert seeded_alone != greedy_alone
+
+
+def test_cancellation_frees_the_sequence_within_one_step_and_capacity_is_reused(tiny_onnx):
+    engine = Engine(tiny_onnx, settings(max_batch_size=1))
+    long_request = Collector()
+    steps_at_cancel = []
+
+    def cancel_after_three_tokens(output: EngineOutput) -> None:
+        long_request.emit(output)
+        if len(long_request.outputs) == 3:
+            long_request.cancelled = True
+            steps_at_cancel.append(engine.stats().decode_steps)
+
+    try:
+        engine.submit(GenerationRequest(prompts(1)[0], 200, streaming=True), cancel_after_three_tokens,
+                      lambda: long_request.cancelled)
+        queued = Collector()
+        engine.submit(greedy(prompts(1, seed=8)[0], 5), queued.emit)  # waits: max_batch_size is 1
+        final = long_request.wait()
+        assert final.finish_reason is FinishReason.CANCELLED and final.token_ids == []
+        assert len(long_request.outputs) == 4  # three tokens, then the cancellation, no token in between
+        assert queued.wait().finish_reason is FinishReason.LENGTH
+        assert len(queued.generated) == 5
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert stats.finished == {"cancelled": 1, "length": 1}
+    assert stats.kv_tokens_reserved == 0
+    # the queued request's 4 decode steps, plus at most the step that was already running when the flag was set
+    assert stats.decode_steps - steps_at_cancel[0] <= 4
+
+
+def test_request_beyond_the_kv_budget_waits_then_runs(tiny_onnx):
+    budget = 64
+    engine = Engine(tiny_onnx, settings(max_context_length=64, kv_cache_max_tokens=budget))
+    first, second = greedy(prompts(1, seed=9, shortest=10, longest=10)[0], 40), greedy(prompts(1, seed=10)[0][:10], 20)
+    order: list[str] = []
+    reserved: list[int] = []
+
+    def tracking(name: str, collector: Collector):
+        def emit(output: EngineOutput) -> None:
+            order.append(name)
+            reserved.append(engine.stats().kv_tokens_reserved)
+            collector.emit(output)
+        return emit
+
+    try:
+        expected_second = run(engine, second).generated
+        collectors = {"first": Collector(), "second": Collector()}
+        engine.submit(first, tracking("first", collectors["first"]))
+        engine.submit(second, tracking("second", collectors["second"]))
+        for collector in collectors.values():
+            collector.wait()
+    finally:
+        engine.shutdown()
+    assert order.index("second") > order.index("first")  # 50 + 30 reserved tokens exceed 64: it waited
+    assert max(reserved) <= budget
+    assert collectors["second"].generated == expected_second
+    assert len(collectors["first"].generated) == 40
+
+
+def test_full_queue_is_unavailable(tiny_onnx):
+    engine = Engine(tiny_onnx, settings(max_batch_size=1, max_queue_size=2))
+    running = Collector()
+    try:
+        engine.submit(GenerationRequest(prompts(1)[0], 200), running.emit, lambda: running.cancelled)
+        while engine.stats().running + engine.stats().prefilling == 0:
+            time.sleep(0.01)
+        queued = [Collector(), Collector()]
+        for collector in queued:
+            engine.submit(greedy([5, 6, 7], 3), collector.emit)
+        with pytest.raises(Unavailable, match=r"engine queue is full \(2 waiting\); retry later"):
+            engine.submit(greedy([5, 6, 7], 3), Collector().emit)
+        running.cancelled = True
+        for collector in queued:
+            assert collector.wait().finish_reason is FinishReason.LENGTH
+    finally:
+        engine.shutdown()
+
+
+def test_end_id_stop_words_max_tokens_min_tokens_and_bad_words(tiny_onnx):
+    prompt = prompts(1, seed=11, shortest=12, longest=12)[0]
+    engine = Engine(tiny_onnx, settings())
+    try:
+        reference = run(engine, greedy(prompt, 12)).generated
+        # the first id whose first appearance is at position >= 3 serves as end id
+        position = next(i for i in range(3, 12) if reference[i] not in reference[:i])
+        end_id = reference[position]
+
+        ended = run(engine, greedy(prompt, 12, sampling=SamplingParams(end_id=end_id)))
+        assert ended.generated == reference[:position]  # the end id itself is not in the output
+        assert ended.outputs[-1].finish_reason is FinishReason.END_ID
+
+        held = run(engine, greedy(prompt, 12, sampling=SamplingParams(end_id=end_id, min_tokens=position + 2)))
+        assert held.generated[:position] == reference[:position]
+        assert end_id not in held.generated[:position + 2]
+
+        stop_word = (reference[position - 1], reference[position])
+        stopped = run(engine, greedy(prompt, 12, sampling=SamplingParams(stop_words=(stop_word,))))
+        first_stop = next(i for i in range(1, 12) if tuple(reference[i - 1:i + 1]) == stop_word)
+        assert stopped.generated == reference[:first_stop + 1]  # stop tokens stay in the output
+        assert stopped.outputs[-1].finish_reason is FinishReason.STOP_WORD
+
+        assert run(engine, greedy(prompt, 7)).generated == reference[:7]
+
+        banned = run(engine, greedy(prompt, 4, sampling=SamplingParams(bad_words=((reference[2],),))))
+        assert banned.generated[:2] == reference[:2] and banned.generated[2] != reference[2]
+        banned_pair = run(engine, greedy(prompt, 4, sampling=SamplingParams(bad_words=((reference[0],
+                                                                                        reference[1]),))))
+        assert banned_pair.generated[0] == reference[0] and banned_pair.generated[1] != reference[1]
+
+        with_prompt = run(engine, GenerationRequest(prompt, 5))
+        assert with_prompt.outputs[-1].token_ids == prompt + reference[:5]
+        assert len(with_prompt.outputs) == 1 and with_prompt.outputs[0].context_length == 0
+
+        streamed = run(engine, GenerationRequest(prompt, 12, SamplingParams(end_id=end_id), streaming=True))
+        assert streamed.generated == reference[:position]
+        sent = 0
+        for output in streamed.outputs:
+            assert output.context_length == min(sent, ENGINE_CONTEXT_TOKENS)
+            sent += len(output.token_ids) - output.context_length
+        assert [output.final for output in streamed.outputs] == [False] * position + [True]
+        assert streamed.outputs[-1].token_ids[streamed.outputs[-1].context_length:] == []  # end id withheld
+    finally:
+        engine.shutdown()
+
+
+def test_chunked_prefill_gives_the_same_tokens_as_unchunked(tiny_onnx):
+    requests = [greedy(prompt, 8) for prompt in prompts(6, seed=12, shortest=30, longest=90)]
+
+    def generate(chunk_tokens: int) -> tuple[list[list[int]], int]:
+        engine = Engine(tiny_onnx, settings(prefill_chunk_tokens=chunk_tokens))
+        collectors = [Collector() for _ in requests]
+        try:
+            for request, collector in zip(requests, collectors):
+                engine.submit(request, collector.emit)
+            for collector in collectors:
+                collector.wait()
+            return [collector.generated for collector in collectors], engine.runner.counters.prefill_runs
+        finally:
+            engine.shutdown()
+
+    chunked, chunked_runs = generate(8)
+    whole, whole_runs = generate(256)
+    assert chunked == whole
+    assert chunked_runs > whole_runs
+
+
+def test_bad_requests_are_refused_at_submit(tiny_onnx):
+    engine = Engine(tiny_onnx, settings(max_context_length=32, kv_cache_max_tokens=64, prefill_chunk_tokens=16))
+    try:
+        with pytest.raises(InvalidArgument, match=r"input_ids: a prompt of 40 tokens .* allowed: 1\.\.31 tokens"):
+            engine.submit(greedy([5] * 40, 1), Collector().emit)
+        with pytest.raises(InvalidArgument, match=r"input_ids: a prompt of 0 tokens"):
+            engine.submit(greedy([], 1), Collector().emit)
+        with pytest.raises(InvalidArgument, match=r"request_output_len = 30 is not allowed; allowed: 1\.\.22"):
+            engine.submit(greedy([5] * 10, 30), Collector().emit)
+        with pytest.raises(InvalidArgument, match=r"input_ids: token ids must be in 0\.\.49151"):
+            engine.submit(greedy([VOCAB], 1), Collector().emit)
+        with pytest.raises(InvalidArgument, match=r"temperature = -1.0 is not allowed"):
+            engine.submit(greedy([5], 1, sampling=SamplingParams(temperature=-1.0)), Collector().emit)
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_ends_every_request_with_unavailable(tiny_onnx):
+    engine = Engine(tiny_onnx, settings(max_batch_size=1))
+    collectors = [Collector() for _ in range(3)]
+    for collector in collectors:
+        engine.submit(GenerationRequest([5, 6, 7], 200), collector.emit)
+    engine.shutdown()
+    for collector in collectors:
+        final = collector.wait()
+        assert final.finish_reason is FinishReason.ERROR and isinstance(final.error, Unavailable)
+    with pytest.raises(Unavailable, match="shutting down"):
+        engine.submit(greedy([5], 1), Collector().emit)
