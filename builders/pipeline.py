@@ -1,0 +1,334 @@
+"""`tritonllm build` for the ONNX Runtime engine: source -> ONNX export -> gate -> rendered Triton repository.
+
+Two levels of content-keyed caching under `tritonllm.paths.cache_dir()`:
+
+- artifacts, keyed by what they are made of, shared by every build that needs them:
+  `hf-<gguf hash>/` (GGUF converted once), `decoder-<precision>-<key>/` (gated ONNX export: model.onnx,
+  decoder.json, gate.json), `embedder-<key>/` (the semantic cache's sentence embedder);
+- builds, keyed by artifacts + every repository setting + the code that renders: `build-<key>/` laid out as
+  docs/architecture.md says (hf/, onnx-<precision>/, parity.json, repository/, build.json), with the artifacts
+  hard-linked in (copied across filesystems). A second build with the same key returns at once; a build that only
+  changes a setting re-renders the repository (seconds) on the cached artifacts.
+
+Every artifact and build folder is written under a temporary name and renamed into place, so a crash never leaves a
+folder that looks finished. Only exports that passed their gate are published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tritonllm.paths import TEMPLATES_DIR, bundled_embedder, cache_dir
+
+from .errors import BuildError
+from .onnx_export import BF16_UNSUPPORTED, EXPORT_PRECISIONS, export_decoder
+from .parity import FP32_TOLERANCE, check_parity, greedy_agreement, sample_prompts
+from .settings import CacheSettings, EngineSettings, RepositorySettings
+from .source import content_key, prepare_hf_model
+
+BUILD_FILE = "build.json"
+GATE_FILE = "gate.json"
+PARITY_FILE = "parity.json"
+# int8 gate (measured on SmolLM2-135M, see onnx_export's docstring and benchmarks/precision_report.py):
+INT8_MIN_AGREEMENT = 0.9  # teacher-forced greedy agreement with the fp32 export; measured 0.96
+AGREEMENT_PROMPTS, AGREEMENT_NEW_TOKENS = 16, 16
+
+_BUILDERS_DIR = Path(__file__).resolve().parent
+EXPORT_CODE = ("source.py", "onnx_export.py", "parity.py", "errors.py", "data/parity_prompts.txt")
+RENDER_CODE = ("pipeline.py", "repository.py", "model_config.py", "lint.py", "settings.py", "embedder.py")
+LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
+# RepositorySettings fields a caller may set; the pipeline fills in the artifact paths and takes engine/cache apart.
+OVERRIDABLE_SETTINGS = tuple(f.name for f in fields(RepositorySettings)
+                             if f.name not in ("tokenizer_dir", "onnx_dir", "trtllm_engine_dir", "engine", "cache"))
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    hf_dir: Path
+    onnx_dir: Path
+    repository_dir: Path
+    cached: bool  # True when the whole build was found complete and nothing ran
+    key: str
+
+
+def build(model: str | Path | None = None, out_dir: Path | None = None, precision: str = "fp32",
+          console: Any = None, engine: EngineSettings | None = None, cache: CacheSettings | None = None,
+          **repository_overrides: Any) -> BuildResult:
+    """Build `model` (None: the bundled SmolLM2 GGUF; a .gguf file; an HF folder) for the ONNX Runtime engine.
+
+    `engine` / `cache` / `repository_overrides` (other RepositorySettings fields, e.g. served_model_name) shape the
+    rendered repository; `engine.precision` must equal `precision`. `console` (a rich Console) shows one progress
+    line per step; None builds quietly. Raises BuildError (or SettingsError for out-of-range settings).
+    """
+    if precision not in EXPORT_PRECISIONS:
+        raise BuildError(f"precision = {precision!r} is not supported; allowed: {', '.join(EXPORT_PRECISIONS)}")
+    if precision == "bf16":
+        raise BuildError(BF16_UNSUPPORTED)
+    engine = engine or EngineSettings(precision=precision)
+    if engine.kind != "onnxruntime" or engine.precision != precision:
+        raise BuildError(f"this pipeline builds the onnxruntime engine in {precision}; got engine kind "
+                         f"{engine.kind!r}, precision {engine.precision!r}")
+    unknown = set(repository_overrides) - set(OVERRIDABLE_SETTINGS)
+    if unknown:
+        raise BuildError(f"unknown build settings {sorted(unknown)}; allowed: engine, cache, "
+                         f"{', '.join(OVERRIDABLE_SETTINGS)}")
+    cache = cache or CacheSettings()
+    engine.validate()  # fail on bad settings before minutes of export
+    cache.validate()
+    root = cache_dir()
+
+    with _steps(console) as step:
+        with step("model source") as note:
+            if model is None:
+                from tritonllm.paths import bundled_gguf
+
+                model = bundled_gguf()
+            source = Path(model).expanduser()
+            hf_dir = prepare_hf_model(source, root, progress=note)
+            source_key = content_key(source)  # the GGUF file or the HF folder itself
+        embedder_dir = repository_overrides.pop("embedder_dir", None)
+        embedder_dir = Path(embedder_dir) if embedder_dir is not None else None
+        if embedder_dir is None and cache.enabled:
+            with step("sentence embedder (semantic cache)"):
+                embedder_dir = _embedder_artifact(root)
+        settings = RepositorySettings(tokenizer_dir=hf_dir, onnx_dir=None, embedder_dir=embedder_dir,
+                                      engine=engine, cache=cache, **repository_overrides)
+        build_key = _hash(_export_key(source_key, precision), _settings_fingerprint(settings),
+                          _code_version(RENDER_CODE), _templates_version(),
+                          content_key(embedder_dir) if embedder_dir else "no embedder")
+        layout = _Layout(Path(out_dir) if out_dir is not None else root / f"build-{build_key[:16]}", precision)
+        finished = _finished_build(layout, build_key)
+        if finished is not None:
+            step.skip_all("cached build", layout.out_dir)
+            return finished
+
+        with step(f"ONNX export + gate ({precision})") as note:
+            decoder_dir = _decoder_artifact(hf_dir, source_key, precision, root, note)
+        with step("Triton model repository"):
+            result = _assemble(layout, hf_dir, decoder_dir, embedder_dir, settings, build_key)
+    return result
+
+
+class _Layout:
+    """Paths of a build folder (docs/architecture.md: build output)."""
+
+    def __init__(self, out_dir: Path, precision: str) -> None:
+        self.out_dir = out_dir
+        self.hf = out_dir / "hf"
+        self.onnx = out_dir / f"onnx-{precision}"
+        self.parity = out_dir / PARITY_FILE
+        self.repository = out_dir / "repository"
+        self.build_file = out_dir / BUILD_FILE
+
+    def result(self, key: str, cached: bool) -> BuildResult:
+        return BuildResult(self.out_dir, self.hf, self.onnx, self.repository, cached, key)
+
+
+def _finished_build(layout: _Layout, key: str) -> BuildResult | None:
+    """The build in `layout.out_dir` when it is complete with this key; raise if the folder is something else."""
+    if layout.build_file.is_file():
+        recorded = json.loads(layout.build_file.read_text())
+        if recorded.get("key") == key and all(path.exists() for path in
+                                              (layout.hf, layout.onnx, layout.parity, layout.repository)):
+            return layout.result(key, cached=True)
+        return None
+    if layout.out_dir.exists() and any(layout.out_dir.iterdir()):
+        raise BuildError(f"out_dir {layout.out_dir} exists and is not a tritonllm build (no {BUILD_FILE}); "
+                         f"allowed: a new or empty folder, or an earlier build's folder")
+    return None
+
+
+def _assemble(layout: _Layout, hf_dir: Path, decoder_dir: Path, embedder_dir: Path | None,
+              settings: RepositorySettings, key: str) -> BuildResult:
+    """Write the build folder under a temporary name (artifacts hard-linked), render, then swap it into place."""
+    from .repository import render_repository
+
+    out_dir = layout.out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        staged = _Layout(staging, settings.engine.precision)
+        link_tree(hf_dir, staged.hf)
+        link_tree(decoder_dir, staged.onnx, skip=(GATE_FILE,))
+        shutil.copyfile(decoder_dir / GATE_FILE, staged.parity)
+        # Render from the staged copies, so the repository's files are links to the build's own.
+        render_repository(replace(settings, tokenizer_dir=staged.hf, onnx_dir=staged.onnx), staged.repository)
+        record = {"key": key, "precision": settings.engine.precision, "source": str(hf_dir),
+                  "decoder_artifact": str(decoder_dir), "embedder_artifact": str(embedder_dir or ""),
+                  "settings": json.loads(_settings_fingerprint(settings)),
+                  "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        staged.build_file.write_text(json.dumps(record, indent=2) + "\n")
+        staging.chmod(0o755)
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return layout.result(key, cached=False)
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():  # an earlier build (checked by _finished_build): retire it only once the new one is whole
+        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+        out_dir.rename(retired / out_dir.name)
+        staging.rename(out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+
+
+def _export_key(source_key: str, precision: str) -> str:
+    return _hash(source_key, precision, _code_version(EXPORT_CODE), _library_versions())
+
+
+def _decoder_artifact(hf_dir: Path, source_key: str, precision: str, root: Path,
+                      note: Callable[[str], None]) -> Path:
+    """The gated export for `precision` (int8 is derived from the gated fp32 export)."""
+    target = root / f"decoder-{precision}-{_export_key(source_key, precision)[:16]}"
+    if (target / GATE_FILE).is_file():
+        return target
+    fp32_dir = None if precision == "fp32" else _decoder_artifact(hf_dir, source_key, "fp32", root, note)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=root) as work:
+        candidate = Path(work) / "decoder"
+        note(f"exporting {precision} (minutes for a 100M+ model)")
+        export_decoder(hf_dir, candidate, precision, fp32_dir=fp32_dir)
+        if precision == "fp32":
+            note("parity with torch fp32")
+            gate = json.loads(check_parity(hf_dir, candidate, batch=4, decode_steps=3,
+                                           tolerance=FP32_TOLERANCE).to_json())
+        else:
+            note(f"greedy agreement with fp32 ({AGREEMENT_PROMPTS} prompts x {AGREEMENT_NEW_TOKENS} tokens)")
+            agreement = greedy_agreement(fp32_dir, candidate, sample_prompts(AGREEMENT_PROMPTS),
+                                         AGREEMENT_NEW_TOKENS, tokenizer_dir=hf_dir)
+            gate = {"greedy_agreement_with_fp32": agreement, "min_agreement": INT8_MIN_AGREEMENT,
+                    "prompts": AGREEMENT_PROMPTS, "new_tokens": AGREEMENT_NEW_TOKENS,
+                    "passed": agreement >= INT8_MIN_AGREEMENT,
+                    "fp32_parity": json.loads((fp32_dir / GATE_FILE).read_text())}
+            if not gate["passed"]:
+                raise BuildError(f"{precision} gate failed: greedy agreement with fp32 is {agreement:.3f} over "
+                                 f"{AGREEMENT_PROMPTS} prompts x {AGREEMENT_NEW_TOKENS} tokens, required "
+                                 f">= {INT8_MIN_AGREEMENT}")
+        (candidate / GATE_FILE).write_text(json.dumps(gate, indent=2) + "\n")
+        _publish(candidate, target)
+    return target
+
+
+def _embedder_artifact(root: Path) -> Path:
+    from .embedder import export_embedder
+
+    source = bundled_embedder()
+    target = root / f"embedder-{_hash(content_key(source), _code_version(('embedder.py',)))[:16]}"
+    if not target.is_dir():
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=root) as work:
+            export_embedder(Path(work) / "embedder", source)
+            _publish(Path(work) / "embedder", target)
+    return target
+
+
+def _publish(folder: Path, target: Path) -> None:
+    """Rename a finished folder into place; another build that published the same key first wins."""
+    folder.chmod(0o755)
+    try:
+        folder.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+
+
+def link_tree(source: Path, destination: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a folder as hard links (no extra disk for GB-sized weights), falling back to copies across filesystems."""
+    shutil.copytree(source, destination, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(*skip))
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _code_version(relative_paths: tuple[str, ...]) -> str:
+    return _hash(*(content_key(_BUILDERS_DIR / path) for path in relative_paths))
+
+
+def _templates_version() -> str:
+    """The repository templates and adapters (Python caches excluded: they change when Python compiles)."""
+    digest = hashlib.sha256()
+    for file in sorted(TEMPLATES_DIR.rglob("*")):
+        if file.is_file() and "__pycache__" not in file.parts:
+            digest.update(file.relative_to(TEMPLATES_DIR).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def _library_versions() -> str:
+    from importlib.metadata import version
+
+    return ",".join(f"{name}=={version(name)}" for name in LIBRARIES)
+
+
+def _settings_fingerprint(settings: RepositorySettings) -> str:
+    """The settings that shape the repository, paths left out (they are keyed by content elsewhere)."""
+    def plain(value: Any) -> Any:
+        if is_dataclass(value):
+            return {key: plain(item) for key, item in asdict(value).items()}
+        return str(value) if isinstance(value, Path) else value
+
+    values = plain(settings)
+    for path_field in ("tokenizer_dir", "onnx_dir", "embedder_dir"):
+        values.pop(path_field)
+    return json.dumps(values, sort_keys=True)
+
+
+class _StepRunner:
+    """`with step("name") as note:` shows one progress line per step; `note(text)` updates it."""
+
+    def __init__(self, progress: Any) -> None:
+        self.progress = progress
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[Callable[[str], None]]:
+        if self.progress is None:
+            yield lambda text: None
+            return
+        task = self.progress.add_task(name, total=1)
+
+        def note(text: str) -> None:
+            self.progress.update(task, description=f"{name}: {text}")
+
+        try:
+            yield note
+        except BaseException:
+            self.progress.update(task, description=f"[red]{name}: failed")
+            raise
+        self.progress.update(task, description=name, completed=1)
+
+    def skip_all(self, name: str, out_dir: Path) -> None:
+        if self.progress is not None:
+            task = self.progress.add_task(f"{name}: {out_dir}", total=1)
+            self.progress.update(task, completed=1)
+
+
+@contextmanager
+def _steps(console: Any) -> Iterator[_StepRunner]:
+    if console is None:
+        yield _StepRunner(None)
+        return
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), BarColumn(bar_width=None),
+                  TimeElapsedColumn(), console=console) as progress:
+        yield _StepRunner(progress)

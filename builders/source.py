@@ -1,0 +1,176 @@
+"""The model source of a build: a plain Hugging Face folder, converted once from a GGUF file when needed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import BuildError
+
+# Decoder-only families whose attention takes a plain (non-sliding, non-hybrid) KV cache; each passes the export
+# parity test with a tiny random model (tests/test_builders_onnx.py).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SPECIAL_TOKEN_ROLES = ("bos", "eos", "pad")
+CONVERSION_VERSION = 2  # bump when the conversion writes different files (new hf-* cache folder)
+
+ProgressNote = Callable[[str], None]
+
+
+def content_key(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, or of a folder's relative file names and contents (sorted)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_file():
+        _hash_file(digest, path)
+    elif path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+            _hash_file(digest, file)
+    else:
+        raise BuildError(f"cannot hash {path}: it does not exist")
+    return digest.hexdigest()
+
+
+def _hash_file(digest: "hashlib._Hash", file: Path) -> None:
+    with file.open("rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+
+
+def prepare_hf_model(model: str | Path | None, cache_root: Path, progress: ProgressNote | None = None) -> Path:
+    """A validated HF folder for `model`: None (the bundled SmolLM2 GGUF), a .gguf file, or an HF folder.
+
+    A GGUF file is converted once into `cache_root/hf-<content hash>/` (float32 weights, tokenizer with its special
+    tokens checked against the generation config); later calls return that folder. An HF folder is used in place.
+    """
+    if model is None:
+        from tritonllm.paths import bundled_gguf
+
+        model = bundled_gguf()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise BuildError(f"model {str(model)!r} does not exist; give a Hugging Face model folder or a .gguf file")
+    if path.is_dir():
+        validate_hf_folder(path)
+        return path
+    if path.suffix.lower() == ".gguf":
+        return _convert_gguf(path, Path(cache_root), progress or (lambda message: None))
+    raise BuildError(f"model {str(model)!r} is not supported: give a Hugging Face model folder "
+                     f"(config.json + tokenizer.json) or a .gguf file")
+
+
+def validate_hf_folder(folder: Path) -> None:
+    """Raise BuildError unless `folder` holds a decoder-only model of a supported family with a fast tokenizer."""
+    for name in ("config.json", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise BuildError(f"model folder {folder} has no {name}; a Hugging Face model folder with config.json and "
+                             f"tokenizer.json is needed")
+    config = json.loads((folder / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BuildError(f"model folder {folder}: model_type {model_type!r} is not supported; allowed: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only with a plain KV cache)")
+    if config.get("use_cache") is False:
+        raise BuildError(f"model folder {folder}: config.json sets use_cache = false; the export needs a KV cache")
+    check_special_tokens(folder)
+
+
+def check_special_tokens(folder: Path) -> None:
+    """The tokenizer's bos/eos/pad ids must be the generation config's (an engine stops on one, a client on the
+    other); raise BuildError naming each mismatch."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    generation = _generation_config(folder, GenerationConfig)
+    mismatches = []
+    for role in SPECIAL_TOKEN_ROLES:
+        wanted = _ids(getattr(generation, f"{role}_token_id"))
+        actual = getattr(tokenizer, f"{role}_token_id")
+        if wanted and actual not in wanted:
+            mismatches.append(f"{role}: tokenizer has {getattr(tokenizer, f'{role}_token')!r} (id {actual}), "
+                              f"generation config says id {' or '.join(map(str, wanted))}")
+    if mismatches:
+        raise BuildError(f"model folder {folder}: special tokens disagree: " + "; ".join(mismatches))
+
+
+def _generation_config(folder: Path, generation_config_class):
+    if (folder / "generation_config.json").is_file():
+        return generation_config_class.from_pretrained(folder)
+    from transformers import AutoConfig
+
+    return generation_config_class.from_model_config(AutoConfig.from_pretrained(folder))
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _convert_gguf(gguf: Path, cache_root: Path, progress: ProgressNote) -> Path:
+    target = cache_root / f"hf-{content_key(gguf)[:16]}-v{CONVERSION_VERSION}"
+    if target.is_dir():  # written under a temporary name and renamed: present means complete
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    progress(f"converting {gguf.name} to a Hugging Face folder")
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_root))
+    work.chmod(0o755)  # mkdtemp makes it private; the folder is shared with the server and other users
+    try:
+        _gguf_to_hf(gguf, work)
+        try:
+            check_special_tokens(work)
+        except BuildError as error:
+            raise BuildError(f"converting {gguf}: {error}") from error
+        try:
+            work.rename(target)
+        except OSError:
+            if not target.is_dir():  # not another build that converted the same file meanwhile
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _gguf_to_hf(gguf: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as error:  # transformers raises assorted types for unreadable or unsupported GGUF files
+        raise BuildError(f"cannot load {gguf} with transformers: {type(error).__name__}: {error}") from error
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BuildError(f"{gguf}: model_type {model_type!r} is not supported; allowed: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    _align_special_tokens(tokenizer, model.generation_config)
+    # transformers ignores the GGUF's add_bos_token (SmolLM2: false) and would prefix every raw prompt with
+    # <|im_start|>; and its default clean-up rewrites " ." to "." on decode, which the byte-exact detokenizer never
+    # does. Keep what the GGUF says, and decode text as the tokenizer's bytes say.
+    tokenizer.add_bos_token = _gguf_flag(gguf, "tokenizer.ggml.add_bos_token", default=tokenizer.add_bos_token)
+    tokenizer.clean_up_tokenization_spaces = False
+    model.config.architectures = [type(model).__name__]  # a config built from GGUF metadata has none
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _gguf_flag(gguf: Path, key: str, default: bool) -> bool:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get(key)
+    return bool(field.parts[-1][0]) if field is not None else default
+
+
+def _align_special_tokens(tokenizer, generation_config) -> None:
+    # transformers 4.57 reads SmolLM2's GGUF tokenizer with bos = eos = <|im_start|> and no pad, while the GGUF
+    # metadata (and so the generation config) says eos = pad = id 2 (<|im_end|>): take the ids from the generation
+    # config, which comes from the GGUF's own token ids.
+    for role in SPECIAL_TOKEN_ROLES:
+        wanted = _ids(getattr(generation_config, f"{role}_token_id"))
+        if wanted and getattr(tokenizer, f"{role}_token_id") not in wanted:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(wanted[0]))
