@@ -227,7 +227,8 @@ def _embedder_artifact(root: Path) -> Path:
     from .embedder import export_embedder
 
     source = bundled_embedder()
-    target = root / f"embedder-{_hash(content_key(source), _code_version(('embedder.py',)))[:16]}"
+    code = _code_version(('embedder.py', 'data/embedder_check_sentences.txt', '../python_backends/embedding.py'))
+    target = root / f"embedder-{_hash(content_key(source), code)[:16]}"
     if not target.is_dir():
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=root) as work:
             export_embedder(Path(work) / "embedder", source)

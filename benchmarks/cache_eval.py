@@ -1,0 +1,219 @@
+"""Measure the semantic cache's parts: hit precision/recall across thresholds, index search latency, embedding latency.
+
+    python benchmarks/cache_eval.py thresholds [--embedder-dir DIR]   # paraphrase set -> precision/recall table
+    python benchmarks/cache_eval.py index [--entries 100000] [--hnsw] # faiss flat vs our IVF partition (vs HNSW)
+    python benchmarks/cache_eval.py embedding [--embedder-dir DIR]    # batch 1 and 8, 1 and 2 threads
+    python benchmarks/cache_eval.py e2e --url 127.0.0.1:8001          # a served llm model: hit vs miss over gRPC
+    python benchmarks/cache_eval.py all --out results.json            # all but e2e
+
+Without --embedder-dir the bundled MiniLM is exported (and checked) into a temporary folder first.
+
+Thresholds: `data/paraphrases.jsonl` holds pairs of a cached prompt `a` and a new prompt `b`: label `hit` (the same
+question reworded: serving a's answer is right) or `miss` (a near miss: another entity, number, direction or a
+negation: serving a's answer is wrong). A pair "hits" when cosine(a, b) >= threshold and, as in the cache, the lexical
+guards pass (same numbers, same polarity, not the same words reordered); the cosine-only table is printed too.
+Precision = right hits / all hits, recall = right hits / should-hit pairs. The recommended threshold is the lowest one
+whose precision is 1.0 on the set, plus `SAFETY_MARGIN`, because a wrong cached answer costs more than a miss and the
+set is small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parent / "data" / "paraphrases.jsonl"
+SAFETY_MARGIN = 0.01
+THRESHOLDS = [round(0.70 + 0.01 * step, 2) for step in range(30)]
+
+
+def threshold_table(embedder, pairs: list[dict]) -> dict:
+    from tritonllm.python_backends.semantic_cache import lexical_conflict
+
+    texts = sorted({pair["a"] for pair in pairs} | {pair["b"] for pair in pairs})
+    vectors = dict(zip(texts, embedder.embed(texts)))
+    cosine = np.array([float(vectors[pair["a"]] @ vectors[pair["b"]]) for pair in pairs])
+    should_hit = np.array([pair["label"] == "hit" for pair in pairs])
+    guard_passes = np.array([lexical_conflict(pair["a"], pair["b"]) is None for pair in pairs])
+    cosine_only, cache = _rows(cosine, should_hit, True), _rows(cosine, should_hit, guard_passes)
+    exact = [row["threshold"] for row in cache if row["wrong_hits"] == 0]
+    recommended = round(min(1.0, min(exact) + SAFETY_MARGIN), 2) if exact else None
+    by_kind = {}
+    for kind in sorted({pair["kind"] for pair in pairs}):
+        chosen = np.array([pair["kind"] == kind for pair in pairs])
+        by_kind[kind] = {"pairs": int(chosen.sum()), "max_cosine": float(cosine[chosen].max()),
+                         "median_cosine": float(np.median(cosine[chosen])),
+                         "stopped_by_guards": int((chosen & ~guard_passes).sum())}
+    unguarded_misses = np.where(~should_hit & guard_passes, cosine, -1.0)
+    return {"pairs": {"hit": int(should_hit.sum()), "miss": int((~should_hit).sum())},
+            "cosine_only": cosine_only, "cosine_and_guards": cache,
+            "lowest_threshold_with_precision_1": min(exact) if exact else None,
+            "recommended_threshold": recommended,
+            "recall_at_recommended": next((row["recall"] for row in cache if row["threshold"] == recommended), None),
+            "by_kind": by_kind,
+            "closest_near_miss_past_guards": {**pairs[int(np.argmax(unguarded_misses))],
+                                              "cosine": float(unguarded_misses.max())},
+            "paraphrases_stopped_by_guards": [{**pair, "why": lexical_conflict(pair["a"], pair["b"])}
+                                              for pair, passes in zip(pairs, guard_passes)
+                                              if pair["label"] == "hit" and not passes]}
+
+
+def _rows(cosine: np.ndarray, should_hit: np.ndarray, guard_passes: np.ndarray | bool) -> list[dict]:
+    rows = []
+    for threshold in THRESHOLDS:
+        served = (cosine >= threshold) & guard_passes
+        right, wrong = int((served & should_hit).sum()), int((served & ~should_hit).sum())
+        rows.append({"threshold": threshold, "precision": round(right / (right + wrong), 4) if right + wrong else 1.0,
+                     "recall": round(right / int(should_hit.sum()), 4), "wrong_hits": wrong})
+    return rows
+
+
+def index_latency(entries: int, with_hnsw: bool, queries: int = 1000, dimension: int = 384) -> dict:
+    """p50/p99 of one-query searches over `entries` clustered unit vectors (sentence embeddings cluster by topic);
+    queries are near duplicates (cosine ~0.9) of stored vectors, as a cache lookup of a paraphrase would be."""
+    import faiss
+
+    from tritonllm.python_backends.semantic_cache import IVF_MIN_ENTRIES, PartitionIndex
+
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((2000, dimension)).astype(np.float32)
+    stored = centers[rng.integers(0, len(centers), entries)]
+    stored += 0.8 * rng.standard_normal(stored.shape).astype(np.float32)
+    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    sources = rng.integers(0, entries, queries)
+    probes = stored[sources] + 0.025 * rng.standard_normal((queries, dimension)).astype(np.float32)
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+
+    def measure(search) -> dict:
+        latencies, found = [], 0
+        for probe, source in zip(probes, sources):
+            started = time.perf_counter()
+            best = search(probe)
+            latencies.append(time.perf_counter() - started)
+            found += best == source
+        milliseconds = np.array(latencies) * 1e3
+        return {"p50_ms": float(np.percentile(milliseconds, 50)), "p99_ms": float(np.percentile(milliseconds, 99)),
+                "recall_at_1": found / queries}
+
+    results = {"entries": entries, "dimension": dimension, "query_cosine_median":
+               float(np.median((probes * stored[sources]).sum(axis=1)))}
+    flat = faiss.IndexFlatIP(dimension)
+    flat.add(stored)
+    results["faiss_flat_ip"] = measure(lambda probe: int(flat.search(probe.reshape(1, -1), 1)[1][0, 0]))
+    partition = PartitionIndex(dimension, background=False)
+    started = time.perf_counter()
+    for entry_id, vector in enumerate(stored):
+        partition.add([entry_id], vector.reshape(1, -1))
+    results["partition_index"] = {"kind": partition.kind, "ivf_min_entries": IVF_MIN_ENTRIES,
+                                  "build_s_incl_training": time.perf_counter() - started,
+                                  **measure(lambda probe: partition.search(probe, 1)[0][0])}
+    if with_hnsw:
+        hnsw = faiss.IndexHNSWFlat(dimension, 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction, hnsw.hnsw.efSearch = 80, 64
+        started = time.perf_counter()
+        hnsw.add(stored)
+        results["faiss_hnsw_flat_m32"] = {"build_s": time.perf_counter() - started, **measure(
+            lambda probe: int(hnsw.search(probe.reshape(1, -1), 1)[1][0, 0]))}
+    return results
+
+
+def embedding_latency(embedder_dir: Path, repeats: int = 100) -> dict:
+    from tritonllm.python_backends.embedding import Embedder
+
+    sentences = [pair["b"] for pair in load_pairs()][:8]
+    results = {}
+    for threads in (1, 2):
+        embedder = Embedder(embedder_dir, intra_op_threads=threads)
+        for batch in (1, 8):
+            embedder.embed(sentences[:batch])  # warm-up
+            latencies = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                embedder.embed(sentences[:batch])
+                latencies.append(time.perf_counter() - started)
+            milliseconds = np.array(latencies) * 1e3
+            results[f"threads{threads}_batch{batch}"] = {"p50_ms": float(np.percentile(milliseconds, 50)),
+                                                         "p99_ms": float(np.percentile(milliseconds, 99))}
+    return results
+
+
+def end_to_end_latency(url: str, model: str, requests: int, max_tokens: int) -> dict:
+    """Streaming gRPC requests to the front model: `requests` distinct questions (misses: a fresh tenant, so nothing is
+    cached yet), the same questions again (exact hits), then a paraphrase of each (embedding lookups: hits or misses
+    by the server's threshold). Time to the first response and to the last, per kind."""
+    import uuid
+
+    from tritonllm.client.api import GenerationParams, LLMClient
+
+    client = LLMClient(url, "grpc", model=model)
+    params = GenerationParams(max_tokens=max_tokens, apply_chat_template=True, tenant=f"bench-{uuid.uuid4().hex}")
+    pairs = load_pairs()
+    questions = list(dict.fromkeys(pair["a"] for pair in pairs))[:requests]
+    paraphrases = [next(pair["b"] for pair in pairs if pair["a"] == question and pair["label"] == "hit")
+                   for question in questions]
+    results = {}
+    for kind, prompts in (("miss", questions), ("exact_hit", questions), ("paraphrase", paraphrases)):
+        first, total, hits = [], [], 0
+        for prompt in prompts:
+            started = time.perf_counter()
+            events = list(client.events(prompt, params, stream=True))
+            first.append(events[0].received_at - started)
+            total.append(time.perf_counter() - started)
+            hits += bool(events[0].cache_hit)
+        results[kind] = {"requests": len(prompts), "cache_hits": hits,
+                         **{f"{name}_{q}_ms": float(np.percentile(np.array(values) * 1e3, int(q[1:])))
+                            for name, values in (("first_response", first), ("total", total))
+                            for q in ("p50", "p99")}}
+    return results
+
+
+def load_pairs() -> list[dict]:
+    return [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["thresholds", "index", "embedding", "e2e", "all"])
+    parser.add_argument("--embedder-dir", type=Path, help="an exported embedder folder (default: export one now)")
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--hnsw", action="store_true", help="also build faiss HNSW (minutes at 100k on 2 cores)")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="e2e: gRPC address of the server")
+    parser.add_argument("--model", default="llm", help="e2e: the front model's name")
+    parser.add_argument("--requests", type=int, default=30, help="e2e: distinct prompts (each asked twice)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="e2e: tokens per answer")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        embedder_dir = args.embedder_dir
+        if embedder_dir is None and args.what in ("thresholds", "embedding", "all"):
+            from tritonllm.builders.embedder import export_embedder
+
+            embedder_dir = export_embedder(Path(scratch) / "embedder")
+        results = {}
+        if args.what in ("thresholds", "all"):
+            from tritonllm.python_backends.embedding import Embedder
+
+            results["thresholds"] = threshold_table(Embedder(embedder_dir, intra_op_threads=0), load_pairs())
+        if args.what in ("embedding", "all"):
+            results["embedding"] = embedding_latency(embedder_dir)
+        if args.what in ("index", "all"):
+            results["index"] = index_latency(args.entries, args.hnsw)
+        if args.what == "e2e":
+            results["e2e"] = end_to_end_latency(args.url, args.model, args.requests, args.max_tokens)
+    text = json.dumps(results, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

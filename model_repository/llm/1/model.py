@@ -1,0 +1,148 @@
+"""Triton adapter of the front model `llm` (decoupled): semantic cache hits are answered here, misses stream from the
+ensemble through BLS. The logic lives in tritonllm.python_backends.front; this file only moves tensors.
+
+Each request is served on a worker thread so that many streams run at once (cache lookups of requests arriving
+together are batched by the embedder); `execute` returns at once, as a decoupled model may.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tritonllm.builders.model_config import read_parameters
+from tritonllm.python_backends import front
+from tritonllm.python_backends.errors import InvalidArgument, Unavailable
+from tritonllm.python_backends.semantic_cache import CacheStats
+from tritonllm.python_backends.triton_io import get_input, triton_error
+
+MAX_CONCURRENT_REQUESTS = 256  # worker threads; they mostly wait on the ensemble's stream
+LOOKUP_SECONDS_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0]
+
+
+class EnsembleError(Exception):
+    """The ensemble answered with an error; it is passed on to the client with its own code."""
+
+    def __init__(self, error: pb_utils.TritonError) -> None:
+        super().__init__(error.message())
+        self.error = error
+
+
+class CacheMetrics:
+    """The cache's counters on Triton's /metrics (Prometheus names, prefix tritonllm_cache_)."""
+
+    def __init__(self) -> None:
+        family = pb_utils.MetricFamily
+        self.families = []  # a family dropped by Python is removed from /metrics
+
+        def metric(name: str, description: str, kind, **buckets):
+            self.families.append(family(name=name, description=description, kind=kind))
+            return self.families[-1].Metric(labels={}, **buckets)
+
+        self.hits = metric("tritonllm_cache_hits_total", "Requests answered from the semantic cache", family.COUNTER)
+        self.misses = metric("tritonllm_cache_misses_total", "Cache lookups that found no answer", family.COUNTER)
+        evictions = family(name="tritonllm_cache_evictions_total", kind=family.COUNTER,
+                           description="Entries dropped to stay within max_entries (reason=lru) or by TTL (reason=ttl)")
+        self.families.append(evictions)
+        self.lru = evictions.Metric(labels={"reason": "lru"})
+        self.ttl = evictions.Metric(labels={"reason": "ttl"})
+        self.entries = metric("tritonllm_cache_entries", "Answers held by the semantic cache", family.GAUGE)
+        self.lookup_seconds = metric("tritonllm_cache_lookup_seconds", "Cache lookup latency, embedding included",
+                                     family.HISTOGRAM, buckets=LOOKUP_SECONDS_BUCKETS)
+        self._lock = threading.Lock()
+        self._last = CacheStats(0, 0, 0, 0, 0)
+
+    # Every metric call holds self._lock: tritonserver 2.51 crashed (SIGSEGV in libtriton_python) when two request
+    # threads updated metrics at the same time.
+    def observe_lookup(self, seconds: float) -> None:
+        with self._lock:
+            self.lookup_seconds.observe(seconds)
+
+    def update(self, stats: CacheStats) -> None:
+        with self._lock:  # counters take increments: add what changed since the last update
+            last, self._last = self._last, stats
+            self.hits.increment(stats.hits - last.hits)
+            self.misses.increment(stats.misses - last.misses)
+            self.lru.increment(stats.evictions - last.evictions)
+            self.ttl.increment(stats.expirations - last.expirations)
+            self.entries.set(stats.entries)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        parameters = read_parameters(json.loads(args["model_config"]))
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.metrics = CacheMetrics()
+        self.front, loaded = front.build_front(parameters, version_dir, self.metrics.observe_lookup)
+        self.ensemble = self.front.model
+        if loaded.problem:
+            pb_utils.Logger.log_warn(f"llm: {loaded.problem}")
+        elif self.front.cache is not None:
+            pb_utils.Logger.log_info(f"llm: semantic cache loaded {loaded.entries} entries")
+            self.metrics.update(self.front.cache.stats())
+        self.pool = ThreadPoolExecutor(MAX_CONCURRENT_REQUESTS, thread_name_prefix="llm-request")
+
+    def execute(self, requests: list) -> None:
+        for request in requests:  # inputs are read here; the answer is produced on a worker thread
+            sender = request.get_response_sender()
+            try:
+                # Copies: the arrays view the request's shared memory, which may be freed once execute returns.
+                parsed = self.front.parse({name: array.copy() for name, dtype in front.REQUEST_INPUTS.items()
+                                           if (array := get_input(request, name, dtype)) is not None})
+            except (InvalidArgument, Unavailable) as error:
+                self.fail(sender, triton_error(error))
+                continue
+            self.pool.submit(self.serve, parsed, sender, request.is_cancelled)
+        return None
+
+    def serve(self, parsed: front.FrontRequest, sender, cancelled) -> None:
+        try:
+            outcome = self.front.serve(parsed, lambda: self.generate(parsed), lambda reply: self.send(sender, reply),
+                                       cancelled)
+            pb_utils.Logger.log_verbose(f"llm: {outcome}")
+        except front.Cancelled as error:
+            self.fail(sender, pb_utils.TritonError(str(error), pb_utils.TritonError.CANCELLED))
+        except EnsembleError as error:
+            self.fail(sender, error.error)
+        except Exception as error:  # anything else still ends the stream, with the reason
+            self.fail(sender, pb_utils.TritonError(f"llm: {type(error).__name__}: {error}"))
+        finally:
+            if self.front.cache is not None:
+                self.metrics.update(self.front.cache.stats())
+
+    def generate(self, parsed: front.FrontRequest):
+        """The ensemble's text pieces, as they stream in."""
+        inputs = [pb_utils.Tensor(name, array) for name, array in parsed.ensemble_inputs.items()]
+        call = pb_utils.InferenceRequest(model_name=self.ensemble, inputs=inputs,
+                                         requested_output_names=["text_output"])
+        for response in call.exec(decoupled=True):
+            if response.has_error():
+                raise EnsembleError(response.error())
+            tensor = pb_utils.get_output_tensor_by_name(response, "text_output")
+            if tensor is not None:  # the closing response of a stream may carry no tensors
+                yield b"".join(tensor.as_numpy().reshape(-1).tolist())
+
+    @staticmethod
+    def send(sender, reply: front.Reply) -> None:
+        response = pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text_output", np.array([[reply.text]], dtype=np.object_)),
+            pb_utils.Tensor("cache_hit", np.array([[reply.cache_hit]], dtype=np.bool_)),
+            pb_utils.Tensor("cache_similarity", np.array([[reply.similarity]], dtype=np.float32)),
+        ])
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if reply.final else 0)
+
+    @staticmethod
+    def fail(sender, error: pb_utils.TritonError) -> None:
+        try:
+            sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as send_error:  # the stream was already closed (final sent, or the client went away)
+            pb_utils.Logger.log_warn(f"llm: could not report {error.message()!r}: {send_error}")
+
+    def finalize(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.front.close()

@@ -1,0 +1,216 @@
+"""Logic of the front model `llm`: the ensemble's contract with a semantic cache in front of it.
+
+Per request: parse the inputs (the ensemble contract + optional `tenant` and `cache`), then
+- `cache=use` (default): look the prompt up; a hit streams the cached answer (in pieces when `stream`, else one
+  response) and the ensemble is never called; a miss streams the ensemble's answer and stores it once complete.
+- `cache=refresh`: skip the lookup, generate, store (replacing the cached answer).
+- `cache=bypass`: generate only; the cache is neither read nor written.
+An answer is stored only when the ensemble finished without error and the client did not cancel; it is stored before
+the final response goes out, so a client that repeats the prompt right after the answer completes gets a hit.
+
+The cache key holds every input that changes the text: max_tokens, temperature, top_p, top_k, seed, min_tokens,
+end_id, stop/bad words, apply_chat_template, and whether the prompt is echoed in the output. The echo is derived
+rather than keyed on `exclude_input_in_output`: a streamed answer never repeats the prompt (engine contract), so a
+streamed request and a non-streamed one with `exclude_input_in_output` share one answer, byte for byte.
+
+The model.py adapter turns Triton tensors into numpy arrays for `Front.parse` and supplies three callables to
+`Front.serve`: `generate()` (the ensemble's text pieces, via BLS), `send(Reply)` and `cancelled()`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from tritonllm.builders.model_config import CALLED_MODEL_PARAMETER, settings_from_parameters
+from tritonllm.builders.settings import CacheSettings
+from tritonllm.python_backends.errors import InvalidArgument
+from tritonllm.python_backends.sampling import SamplingParams
+from tritonllm.python_backends.semantic_cache import Autosaver, CacheKey, SemanticCache, SnapshotLoad
+
+ENSEMBLE_INPUTS: dict[str, type] = {
+    "text_input": np.object_, "max_tokens": np.int32, "stream": np.bool_, "exclude_input_in_output": np.bool_,
+    "temperature": np.float32, "top_p": np.float32, "top_k": np.int32, "end_id": np.int32, "pad_id": np.int32,
+    "min_tokens": np.int32, "stop_words": np.object_, "bad_words": np.object_, "seed": np.uint64,
+    "apply_chat_template": np.bool_,
+}
+REQUEST_INPUTS: dict[str, type] = {**ENSEMBLE_INPUTS, "tenant": np.object_, "cache": np.object_}
+CACHE_MODES = ("use", "bypass", "refresh")
+SCALAR_KEY_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_tokens", "end_id",
+                     "apply_chat_template")
+WORDS_KEY_INPUTS = ("stop_words", "bad_words")
+HIT_PIECE_WORDS = 4  # a streamed hit is sent a few words per response, like a generation would arrive
+DEFAULT_SNAPSHOT_FILE = "cache_snapshot"
+
+
+class Cancelled(Exception):
+    """The client cancelled the request; nothing was stored."""
+
+
+@dataclass(frozen=True)
+class FrontRequest:
+    prompt: str
+    stream: bool
+    mode: str  # one of CACHE_MODES
+    key: CacheKey
+    ensemble_inputs: dict[str, np.ndarray]  # passed to the ensemble unchanged
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: bytes
+    cache_hit: bool
+    similarity: float  # of the cached prompt served, or of the closest one found on a miss (0.0: none compared)
+    final: bool
+
+
+class Front:
+    """Parses requests and serves them from the cache or the ensemble; `cache` None means caching is off."""
+
+    def __init__(self, cache: SemanticCache | None, model: str, autosaver: Autosaver | None = None,
+                 on_lookup: Callable[[float], None] = lambda seconds: None) -> None:
+        self.cache, self.model, self.autosaver, self.on_lookup = cache, model, autosaver, on_lookup
+
+    def parse(self, arrays: Mapping[str, np.ndarray]) -> FrontRequest:
+        """Request from input arrays (batch dim first, batch 1); raises InvalidArgument naming the bad input."""
+        if "text_input" not in arrays:
+            raise InvalidArgument("input text_input is required")
+        if "max_tokens" not in arrays:
+            raise InvalidArgument("input max_tokens is required")
+        for name, array in arrays.items():
+            if array.ndim == 0 or array.shape[0] != 1:
+                raise InvalidArgument(f"input {name} must have batch size 1 (one prompt per request to llm), got "
+                                      f"shape {list(array.shape)}")
+        prompt = _text(arrays, "text_input", "")
+        mode = _text(arrays, "cache", "use")
+        if mode not in CACHE_MODES:
+            raise InvalidArgument(f"input cache must be one of {', '.join(CACHE_MODES)}; got {mode!r}")
+        values = {name: _scalar(arrays, name) for name in SCALAR_KEY_INPUTS}
+        stream = bool(_scalar(arrays, "stream") or False)
+        prompt_in_output = not stream and not _scalar(arrays, "exclude_input_in_output")
+        params = (*values.items(), *((name, _words(arrays, name)) for name in WORDS_KEY_INPUTS),
+                  ("prompt_in_output", prompt_in_output))
+        greedy = SamplingParams.from_optional(temperature=values["temperature"], top_k=values["top_k"],
+                                              top_p=values["top_p"]).greedy
+        key = CacheKey(_text(arrays, "tenant", ""), self.model, params, sampled=not greedy and values["seed"] is None)
+        ensemble_inputs = {name: array for name, array in arrays.items() if name in ENSEMBLE_INPUTS}
+        return FrontRequest(prompt, stream, mode, key, ensemble_inputs)
+
+    def serve(self, request: FrontRequest, generate: Callable[[], Iterable[bytes]], send: Callable[[Reply], None],
+              cancelled: Callable[[], bool]) -> str:
+        """Answer `request` through `send` (the last Reply has final=True); returns what happened, for logs.
+
+        Raises Cancelled when the client cancelled, and lets errors of `generate`/`send` through; nothing is stored
+        in either case.
+        """
+        caching = self.cache is not None and request.mode != "bypass" and self.cache.cacheable(request.key)
+        lookup = None
+        if caching and request.mode == "use":
+            started = time.perf_counter()
+            lookup = self.cache.lookup(request.key, request.prompt)
+            self.on_lookup(time.perf_counter() - started)
+            if lookup.hit is not None:
+                for piece, final in _mark_last(answer_pieces(lookup.hit.answer, request.stream)):
+                    send(Reply(piece, True, lookup.hit.similarity, final))
+                return f"hit (similarity {lookup.hit.similarity:.4f})"
+        similarity = lookup.best_similarity if lookup is not None else 0.0
+        pieces: list[bytes] = []
+        for piece in generate():
+            if cancelled():
+                raise Cancelled("request cancelled by the client")
+            if request.stream and pieces:
+                send(Reply(pieces[-1], False, similarity, False))  # one behind, so the last carries the final flag
+            pieces.append(piece)
+        if cancelled():
+            raise Cancelled("request cancelled by the client")
+        outcome = "miss, not cached" if not caching else "miss, stored"
+        if caching:
+            refused = self.cache.store(request.key, request.prompt, b"".join(pieces),
+                                       lookup.vector if lookup is not None else None)
+            outcome = f"miss, not stored: {refused}" if refused else outcome
+        last = (pieces[-1] if pieces else b"") if request.stream else b"".join(pieces)
+        send(Reply(last, False, similarity, True))
+        return outcome
+
+    def close(self) -> None:
+        """Stops the autosaver after a last snapshot."""
+        if self.autosaver is not None:
+            self.autosaver.close()
+
+
+def build_front(parameters: Mapping[str, str], version_dir: Path,
+                on_lookup: Callable[[float], None] = lambda seconds: None) -> tuple[Front, SnapshotLoad]:
+    """The front as the llm model configuration describes it (parameters as strings; paths relative to
+    `version_dir`), with the snapshot loaded; the SnapshotLoad says why a snapshot was not used."""
+    from tritonllm.python_backends.embedding import Embedder
+
+    settings = settings_from_parameters(CacheSettings, parameters)
+    model = _parameter(parameters, CALLED_MODEL_PARAMETER)
+    if not settings.enabled:
+        return Front(None, model, on_lookup=on_lookup), SnapshotLoad(0, None)
+    embedder = Embedder(version_dir / _parameter(parameters, "embedder_path"))
+    cache = SemanticCache(settings, embedder.embed_one, embedder.dimension, embedder.identity)
+    snapshot = version_dir / (settings.persist_path or DEFAULT_SNAPSHOT_FILE)  # an absolute persist_path wins
+    loaded = cache.load_snapshot(snapshot)
+    autosaver = Autosaver(cache, snapshot, settings.snapshot_interval_seconds)
+    return Front(cache, model, autosaver, on_lookup), loaded
+
+
+def answer_pieces(answer: bytes, stream: bool) -> list[bytes]:
+    """The cached answer as responses: whole when not streaming, else groups of HIT_PIECE_WORDS words (split at
+    ASCII whitespace, which never falls inside a UTF-8 sequence); the pieces join back to `answer` exactly."""
+    if not stream:
+        return [answer]
+    words = re.findall(rb"\S+\s*|\s+", answer)
+    return [b"".join(words[start:start + HIT_PIECE_WORDS]) for start in range(0, len(words), HIT_PIECE_WORDS)] \
+        or [b""]
+
+
+Item = TypeVar("Item")
+
+
+def _mark_last(items: list[Item]) -> Iterator[tuple[Item, bool]]:
+    for position, item in enumerate(items):
+        yield item, position == len(items) - 1
+
+
+def _parameter(parameters: Mapping[str, str], name: str) -> str:
+    value = parameters.get(name, "").strip()
+    if not value:
+        raise ValueError(f"llm model configuration lacks the parameter {name}")
+    return value
+
+
+def _scalar(arrays: Mapping[str, np.ndarray], name: str) -> Any:
+    """The single value of an optional input as a Python scalar; None when absent."""
+    array = arrays.get(name)
+    if array is None:
+        return None
+    if array.size != 1:
+        raise InvalidArgument(f"input {name} must hold one value, got shape {list(array.shape)}")
+    value = array.reshape(-1)[0]
+    return value.item() if isinstance(value, np.generic) else value  # BYTES elements are plain bytes
+
+
+def _text(arrays: Mapping[str, np.ndarray], name: str, default: str) -> str:
+    raw = _scalar(arrays, name)
+    if raw is None:
+        return default
+    try:
+        return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"input {name} must be UTF-8 text") from None
+
+
+def _words(arrays: Mapping[str, np.ndarray], name: str) -> tuple[str, ...] | None:
+    array = arrays.get(name)
+    if array is None:
+        return None
+    return tuple(item.decode("utf-8", "backslashreplace") if isinstance(item, bytes) else str(item)
+                 for item in array.reshape(-1).tolist())
