@@ -177,12 +177,14 @@ def _http_body(prompt: str | bytes, params: GenerationParams, stream: bool) -> d
 
 
 def _http_error_message(text: str) -> str:
+    """Triton answers errors as JSON, or (generate_stream) as one server-sent event `data: {"error": ...}`."""
+    body = text.strip().removeprefix("data:")
     try:
-        return json.loads(text).get("error", text)
-    except ValueError:
+        return json.loads(body).get("error", text)
+    except (ValueError, AttributeError):
         return text
 
 
 def _grpc_status(error) -> str:
-    status = error.status() or "UNKNOWN"
-    return status.removeprefix("StatusCode.")
+    # Errors inside a gRPC stream carry only a message (ModelStreamInferResponse.error_message), no status code.
+    return (error.status() or "UNKNOWN").removeprefix("StatusCode.")

@@ -126,7 +126,9 @@ def test_parameters_read_back_into_the_same_settings(artifacts, tmp_path):
         assert read_parameters(llm)[CALLED_MODEL_PARAMETER] == ENSEMBLE
         assert llm.model_transaction_policy.decoupled
         front_inputs = {**ENSEMBLE_INPUTS, "tenant": ("TYPE_STRING", [1], True), "cache": ("TYPE_STRING", [1], True)}
-        assert (contract(llm.input), contract(llm.output)) == (front_inputs, ENSEMBLE_OUTPUTS)
+        front_outputs = {**ENSEMBLE_OUTPUTS, "cache_hit": ("TYPE_BOOL", [1], False),
+                         "cache_similarity": ("TYPE_FP32", [1], False)}
+        assert (contract(llm.input), contract(llm.output)) == (front_inputs, front_outputs)
 
 
 def test_ensemble_keeps_the_tensorrtllm_backend_contract_and_mapping(artifacts, tmp_path):

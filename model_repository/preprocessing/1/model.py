@@ -32,10 +32,15 @@ class TritonPythonModel:
         return responses
 
     def _prepare(self, request) -> dict:
-        query = get_input(request, "QUERY", np.object_, required=True)
+        query = get_input(request, "QUERY", np.object_)
+        if query is None:
+            raise InvalidArgument("text_input is required: send the prompt as BYTES [1] (UTF-8)")
         batch = query.shape[0]
         queries = row_values(query, batch, "QUERY", None)
-        max_tokens = row_values(get_input(request, "REQUEST_OUTPUT_LEN", np.int32), batch, "REQUEST_OUTPUT_LEN", None)
+        requested_tokens = get_input(request, "REQUEST_OUTPUT_LEN", np.int32)
+        if requested_tokens is None:
+            raise InvalidArgument("max_tokens is required: send the number of tokens to generate as INT32 [1]")
+        max_tokens = row_values(requested_tokens, batch, "REQUEST_OUTPUT_LEN", None)
         end_ids = row_values(get_input(request, "END_ID", np.int32), batch, "END_ID", None)
         pad_ids = row_values(get_input(request, "PAD_ID", np.int32), batch, "PAD_ID", None)
         chat = row_values(get_input(request, "APPLY_CHAT_TEMPLATE", np.bool_), batch, "APPLY_CHAT_TEMPLATE", False)

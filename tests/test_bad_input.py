@@ -1,0 +1,152 @@
+"""Bad input gets INVALID_ARG with a message naming the input and what is allowed; the server keeps serving.
+
+Over a gRPC stream Triton sends errors as a message only (ModelStreamInferResponse has no status field), so the code
+is checked where the protocol carries it: HTTP generate_stream answers INVALID_ARG as 400 (UNAVAILABLE would be 503,
+INTERNAL 500), and the non-decoupled preprocessing model answers unary gRPC with INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+import requests
+
+from tritonllm.client.api import GenerationError, GenerationParams, LLMClient, request_arrays
+
+pytestmark = pytest.mark.slow
+
+
+def raw_grpc(server, arrays: dict[str, tuple[str, np.ndarray]], model: str = "ensemble") -> GenerationError | None:
+    """Send hand-made tensors; return the error the server answered with (None if it answered normally)."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, (datatype, array) in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.endpoints.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=120)
+            if error is not None:
+                return GenerationError((error.status() or "UNKNOWN").removeprefix("StatusCode."), error.message())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def assert_server_still_answers(server) -> None:
+    text = LLMClient(server.endpoints.grpc_url).generate("Say hi.", GenerationParams(max_tokens=4))
+    assert text
+
+
+def expect_invalid(server, arrays, *fragments: str) -> None:
+    """gRPC stream: the message names the input; HTTP (when JSON can carry the request): status 400, same message."""
+    error = raw_grpc(server, arrays)
+    assert error is not None, "the server accepted a bad request"
+    for fragment in fragments:
+        assert fragment in error.message, (fragment, error.message)
+    body = http_body(arrays)
+    if body is not None:
+        reply = requests.post(f"http://{server.endpoints.http_url}/v2/models/ensemble/generate_stream", json=body)
+        assert reply.status_code == 400, reply.text
+        for fragment in fragments:
+            assert fragment in reply.text, (fragment, reply.text)
+    assert_server_still_answers(server)
+
+
+def http_body(arrays: dict[str, tuple[str, np.ndarray]]) -> dict | None:
+    """The same request as generate-extension JSON, or None when JSON cannot carry it (raw bytes)."""
+    body = {}
+    for name, (_, array) in arrays.items():
+        values = array.reshape(-1).tolist()
+        if any(isinstance(v, bytes) for v in values):
+            try:
+                values = [v.decode("utf-8") for v in values]
+            except UnicodeDecodeError:
+                return None
+        body[name] = values[0] if len(values) == 1 and name not in ("stop_words", "bad_words") else values
+    return body
+
+
+def good(prompt="Hello", **params) -> dict[str, tuple[str, np.ndarray]]:
+    return request_arrays(prompt, GenerationParams(**params), stream=True)
+
+
+def test_missing_text_input(server):
+    arrays = good()
+    del arrays["text_input"]
+    expect_invalid(server, arrays, "text_input")
+
+
+def test_empty_prompt(server):
+    expect_invalid(server, good(""), "text_input", "empty")
+
+
+def test_prompt_longer_than_context(server):
+    expect_invalid(server, good("hello " * 5000), "text_input", "2048")
+
+
+@pytest.mark.parametrize("max_tokens", [0, -3, 100_000])
+def test_max_tokens_out_of_range(server, max_tokens):
+    expect_invalid(server, good(max_tokens=max_tokens), "max_tokens")
+
+
+@pytest.mark.parametrize("name,value", [("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1)])
+def test_sampling_parameter_out_of_range(server, name, value):
+    expect_invalid(server, good(**{name: value}), name)
+
+
+def test_wrong_dtype(server):
+    arrays = good()
+    arrays["max_tokens"] = ("FP32", np.array([[16.0]], np.float32))
+    expect_invalid(server, arrays, "max_tokens")
+
+
+def test_non_utf8_prompt(server):
+    expect_invalid(server, good(b"caf\xe9 \xff\xfe"), "text_input", "UTF-8")
+
+
+def test_preprocessing_answers_invalid_argument_code(server):
+    """Unary gRPC to the tokenizer step carries the status code itself."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(server.endpoints.grpc_url)
+    tensors = []
+    for name, array in {"QUERY": np.array([[b""]], np.object_), "REQUEST_OUTPUT_LEN": np.array([[8]], np.int32)}.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_ else "INT32")
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("preprocessing", tensors)
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "text_input is empty" in raised.value.message()
+
+
+def test_http_bad_input_is_reported(server):
+    client = LLMClient(server.endpoints.http_url, protocol="http")
+    with pytest.raises(GenerationError) as raised:
+        client.generate("Hello", GenerationParams(max_tokens=4, temperature=-1.0))
+    assert "temperature" in raised.value.message
+    assert client.generate("Say hi.", GenerationParams(max_tokens=4))
+
+
+def test_bad_request_does_not_harm_concurrent_good_ones(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = LLMClient(server.endpoints.grpc_url)
+    with ThreadPoolExecutor(4) as pool:
+        goods = [pool.submit(client.generate, f"Name a color, number {i}.", GenerationParams(max_tokens=8))
+                 for i in range(3)]
+        bad = pool.submit(raw_grpc, server, good(top_k=-5))
+        assert "top_k" in bad.result().message
+        assert all(f.result() for f in goods)
