@@ -28,3 +28,12 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build
+
+# genai-perf wants numpy 2: it gets its own environment (tritonllm perf --tool genai-perf finds it here).
+GENAI_PERF_VENV := .venv-genai-perf
+.PHONY: genai-perf-setup
+genai-perf-setup: $(GENAI_PERF_VENV)/.installed
+$(GENAI_PERF_VENV)/.installed: requirements-genai-perf.txt
+	$(PYTHON) -m venv $(GENAI_PERF_VENV)
+	$(GENAI_PERF_VENV)/bin/pip install -q -r requirements-genai-perf.txt
+	touch $@

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -76,6 +77,12 @@ class EngineStats:
     finished: dict[str, int]  # sequences by finish reason
 
 
+class TokenTimer(Protocol):
+    def record(self, first_token_seconds: list[float], inter_token_seconds: list[float]) -> None:
+        """Called on the loop thread once per step that sampled tokens: seconds from submit to each first token,
+        and between consecutive tokens of each sequence. Must return quickly (no I/O)."""
+
+
 @dataclass(eq=False)
 class _Sequence:
     request: GenerationRequest
@@ -88,6 +95,7 @@ class _Sequence:
     sent: int = 0  # generated ids already emitted (streaming)
     admitted: bool = False  # holds a KV reservation
     done: bool = False
+    last_token_at: float = field(default_factory=time.perf_counter)  # submit time until the first token
 
     @property
     def generated(self) -> list[int]:
@@ -111,7 +119,7 @@ class Engine:
     """Continuous batching of generation requests over one ONNX decoder-with-past."""
 
     def __init__(self, onnx_path: Path | str, settings: EngineSettings, end_id_default: int | None = None,
-                 pad_id_default: int = 0) -> None:
+                 pad_id_default: int = 0, token_timer: TokenTimer | None = None) -> None:
         settings.validate()
         path = Path(onnx_path)
         self.settings = settings
@@ -119,6 +127,7 @@ class Engine:
         self.vocab_size = self.runner.vocab_size
         self.end_id_default = end_id_default
         self.pad_id = pad_id_default
+        self.token_timer = token_timer
         self._batch = DecodeBatch(self.runner)
         self._running: list[_Sequence] = []  # aligned with the decode batch's rows
         self._prefilling: list[_Prefill] = []
@@ -283,6 +292,8 @@ class Engine:
         chosen = [sequences[row] for row in live]
         rows = logits if len(live) == len(sequences) else logits[live]
         next_ids = sample_batch(rows, [s.sampler for s in chosen], [s.tokens for s in chosen])
+        if self.token_timer is not None:
+            self._time_tokens(chosen)
         self._totals.tokens_generated += len(chosen)
         for sequence, token in zip(chosen, next_ids.tolist()):
             sequence.tokens.append(token)
@@ -292,6 +303,17 @@ class Engine:
                     self._send(sequence, self._stream_piece(sequence, sequence.generated))
             else:
                 self._finish(sequence, reason)
+
+    def _time_tokens(self, sequences: list[_Sequence]) -> None:
+        """Report when these sequences got their next token (called before it is appended)."""
+        now = time.perf_counter()
+        first: list[float] = []
+        gaps: list[float] = []
+        for sequence in sequences:
+            started = len(sequence.tokens) > sequence.prompt_length
+            (gaps if started else first).append(now - sequence.last_token_at)
+            sequence.last_token_at = now
+        self.token_timer.record(first, gaps)
 
     def _retire_done(self) -> None:
         keep = [row for row, sequence in enumerate(self._running) if not sequence.done]

@@ -35,6 +35,9 @@ def build(
     calib_size: int = typer.Option(128, help="calibration prompts to use"),
     max_batch_size: int = typer.Option(16, help="sequences decoded together per engine step"),
     kv_cache_max_tokens: int = typer.Option(32768, help="KV cache budget in tokens over all running sequences"),
+    gate_min_agreement: float = typer.Option(0.90, help="FP8 gate: min greedy top-1 agreement with the fp32 model"),
+    gate_max_perplexity_increase: float = typer.Option(0.05, help="FP8 gate: max relative perplexity increase"),
+    served_engine_dir: Optional[str] = typer.Option(None, help="TensorRT-LLM engine folder as the server sees it"),
 ) -> None:
     """Build the model (and its Triton model repository)."""
     from tritonllm.builders.errors import BuildError
@@ -58,10 +61,22 @@ def build(
                 _fail("--engine trtllm needs --quant fp8 (the only TensorRT-LLM quantization this project gates)")
             if kv_cache_dtype not in (None, "fp8"):
                 _fail(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported; allowed: fp8 (or leave it out)")
-            build_trtllm(model=model, out_dir=out, calib_file=calib, calib_size=calib_size,
-                         kv_cache_fp8=kv_cache_dtype == "fp8",
-                         engine=EngineSettings(kind="tensorrt_llm", max_batch_size=max_batch_size,
-                                               kv_cache_max_tokens=kv_cache_max_tokens), console=console)
+            from tritonllm.builders.fp8_verify import GateThresholds
+            from tritonllm.builders.trtllm import TensorRTLLMUnavailable
+
+            try:
+                result = build_trtllm(
+                    model=model, out_dir=out, calib_file=calib, calib_size=calib_size,
+                    kv_cache_fp8=kv_cache_dtype == "fp8", served_engine_dir=served_engine_dir,
+                    gate=GateThresholds(min_top1_agreement=gate_min_agreement,
+                                        max_perplexity_increase=gate_max_perplexity_increase),
+                    engine=EngineSettings(kind="tensorrt_llm", max_batch_size=max_batch_size,
+                                          kv_cache_max_tokens=kv_cache_max_tokens), console=console)
+            except TensorRTLLMUnavailable as missing:
+                console.print(f"[yellow]stopped after the accuracy gate:[/] {missing}", markup=False)
+                raise typer.Exit(2)
+            console.print(f"[green]repository:[/] {result.repository_dir}")
+            print(result.repository_dir)
         else:
             _fail(f"--engine {engine!r} is not known; allowed: onnxruntime, trtllm")
     except (BuildError, SettingsError, FileNotFoundError) as error:
@@ -240,6 +255,90 @@ def bench(
     console.print(results_table(results))
     console.print(f"speedups of {systems[0][0].name} (output tokens/s ratio): {meta['speedups']}")
     console.print(f"wrote {json_path} and {png_path}")
+
+
+@app.command()
+def perf(
+    url: Optional[str] = typer.Option(None, help="gRPC host:port of a running server; default: start one here"),
+    tool: str = typer.Option("perf_analyzer", help="perf_analyzer, or genai-perf (its own venv: "
+                                                   "`make genai-perf-setup`)"),
+    models: str = typer.Option("ensemble,llm", help="comma-separated: ensemble, llm (front model)"),
+    concurrency: str = typer.Option("1,8", help="comma-separated client concurrency levels"),
+    requests: int = typer.Option(32, help="requests per concurrency level"),
+    prompt_file: Optional[Path] = typer.Option(None, help="prompts (text lines or JSONL); default: synthetic"),
+    min_prompt_tokens: int = typer.Option(100, help="synthetic prompts: shortest, in tokens"),
+    max_prompt_tokens: int = typer.Option(200, help="synthetic prompts: longest, in tokens"),
+    output_tokens: int = typer.Option(64, help="fixed output length (min_tokens = max_tokens)"),
+    llm_cache: str = typer.Option("bypass", help="`cache` input sent to llm: bypass (measure generation) or use"),
+    tokenizer: Optional[Path] = typer.Option(None, help="HF folder of the served model (synthetic prompts, "
+                                                          "genai-perf's token counts); default: the bundled build's"),
+    precision: str = typer.Option("fp32", help="precision of the server started here"),
+    out: Path = typer.Option(Path("perf-results"), help="folder for inputs, the tool's own outputs and perf.json"),
+) -> None:
+    """Measure the ensemble and the front model with NVIDIA's tools (streaming over gRPC) at each concurrency."""
+    from tritonllm.client.genai_perf import GenaiPerfError, run_genai_perf
+    from tritonllm.client.perf import (
+        LLM_CACHE_MODES, PERF_MODELS, PerfAnalyzerError, perf_table, run_perf_analyzer, save_perf_results,
+        write_input_data,
+    )
+    from tritonllm.client.workload import load_prompt_file, synthetic_prompts
+
+    levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    model_names = [m.strip() for m in models.split(",") if m.strip()]
+    if tool not in ("perf_analyzer", "genai-perf"):
+        _fail(f"--tool {tool!r} is not known; allowed: perf_analyzer, genai-perf")
+    if not model_names or set(model_names) - set(PERF_MODELS):
+        _fail(f"--models {models!r} is not allowed; allowed: {', '.join(PERF_MODELS)}")
+    if not levels or min(levels) < 1 or requests < max(levels):
+        _fail(f"--concurrency {concurrency!r} needs levels >= 1 and at most --requests ({requests})")
+    if llm_cache not in LLM_CACHE_MODES:
+        _fail(f"--llm-cache {llm_cache!r} is not allowed; allowed: {', '.join(LLM_CACHE_MODES)}")
+    built = None
+    if url is None or tokenizer is None:
+        from tritonllm.builders.pipeline import build as build_onnx
+
+        built = build_onnx(model=None, precision=precision, console=console)
+    tokenizer = tokenizer or built.hf_dir
+    if prompt_file is not None:
+        prompts = load_prompt_file(prompt_file)
+    else:
+        from transformers import AutoTokenizer
+
+        prompts = synthetic_prompts(AutoTokenizer.from_pretrained(tokenizer), requests, min_prompt_tokens,
+                                    max_prompt_tokens)
+    server = None
+    if url is None:
+        from tritonllm.server import TritonServer
+
+        with console.status("starting tritonserver ..."):
+            server = TritonServer(built.repository_dir).start()
+        url = server.endpoints.grpc_url
+    results = []
+    try:
+        for model in model_names:
+            cache = llm_cache if model == "llm" else None
+            input_data = out / f"input_data_{model}.json"
+            if tool == "perf_analyzer":
+                write_input_data(prompts, input_data, output_tokens, llm_cache=cache)
+            for level in levels:
+                with console.status(f"{tool}: {model}, {requests} requests at concurrency {level} ..."):
+                    if tool == "genai-perf":
+                        results += run_genai_perf(url, model, tokenizer, prompts, [level], requests, output_tokens,
+                                                  out, extra_inputs={"cache": cache} if cache else None)
+                    else:
+                        results += run_perf_analyzer(url, model, input_data, [level], out, requests)
+                console.print(perf_table(results[-1:], tool))
+    except (PerfAnalyzerError, GenaiPerfError) as error:
+        _fail(str(error))
+    finally:
+        if server is not None:
+            server.stop()
+    meta = {"tool": tool, "url": url, "requests": requests, "output_tokens": output_tokens, "concurrency": levels,
+            "prompts": str(prompt_file) if prompt_file else f"synthetic {min_prompt_tokens}-{max_prompt_tokens} tokens",
+            "llm_cache": llm_cache}
+    path = save_perf_results(results, meta, out / "perf.json")
+    console.print(perf_table(results, tool))
+    console.print(f"wrote {path} (and the tool's own outputs per level in {out})")
 
 
 @app.command()

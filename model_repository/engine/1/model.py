@@ -1,7 +1,8 @@
 """Triton adapter of the in-flight batching engine (decoupled); the logic is tritonllm.python_backends.engine.
 
 `execute` only converts each request into a GenerationRequest and queues it; the engine's loop thread sends the
-responses (one per new token when streaming, one in all otherwise) on the request's response sender.
+responses (one per new token when streaming, one in all otherwise) on the request's response sender. The engine's
+metrics (tritonllm.python_backends.metrics) reach Triton's /metrics from their own flush thread.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tritonllm.builders.model_config import read_parameters, settings_from_param
 from tritonllm.builders.settings import EngineSettings
 from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
+from tritonllm.python_backends.metrics import EngineMetrics
 from tritonllm.python_backends.sampling import SamplingParams, words_from_list
 from tritonllm.python_backends.stop_criteria import FinishReason
 from tritonllm.python_backends.triton_io import get_input, row_values, triton_error
@@ -32,9 +34,13 @@ class TritonPythonModel:
         parameters = read_parameters(json.loads(args["model_config"]))
         version_dir = Path(args["model_repository"]) / args["model_version"]
         settings = settings_from_parameters(EngineSettings, parameters, kind="onnxruntime")
+        self.metrics = EngineMetrics(pb_utils.MetricFamily, args["model_name"], args["model_version"],
+                                     settings.kv_cache_max_tokens)
         self.engine = Engine(version_dir / parameters["onnx_path"], settings,
                              end_id_default=_optional_parameter(parameters, "end_id"),
-                             pad_id_default=_optional_parameter(parameters, "pad_id") or 0)
+                             pad_id_default=_optional_parameter(parameters, "pad_id") or 0,
+                             token_timer=self.metrics.timings)
+        self.metrics.start(self.engine.stats)
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -49,6 +55,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.engine.shutdown()
+        self.metrics.close()
 
     @staticmethod
     def _generation_request(request) -> GenerationRequest:

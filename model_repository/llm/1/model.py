@@ -66,10 +66,12 @@ class CacheMetrics:
     def update(self, stats: CacheStats) -> None:
         with self._lock:  # counters take increments: add what changed since the last update
             last, self._last = self._last, stats
-            self.hits.increment(stats.hits - last.hits)
-            self.misses.increment(stats.misses - last.misses)
-            self.lru.increment(stats.evictions - last.evictions)
-            self.ttl.increment(stats.expirations - last.expirations)
+            # never a negative increment (a snapshot reload resets the counts): the stub aborts tritonserver on one
+            for counter, now, before in ((self.hits, stats.hits, last.hits), (self.misses, stats.misses, last.misses),
+                                         (self.lru, stats.evictions, last.evictions),
+                                         (self.ttl, stats.expirations, last.expirations)):
+                if now > before:
+                    counter.increment(now - before)
             self.entries.set(stats.entries)
 
 
