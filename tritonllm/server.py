@@ -19,6 +19,9 @@ from pathlib import Path
 from tritonllm.paths import cache_dir
 
 NGC_ROOT = Path("/opt/tritonserver")
+# How long tritonserver waits for open connections and in-flight requests on SIGTERM before unloading models anyway
+# (its default is 30 s; an idle HTTP keep-alive connection alone holds it that long).
+EXIT_TIMEOUT_SECONDS = 10
 
 
 class ServerError(RuntimeError):
@@ -133,6 +136,7 @@ class TritonServer:
                 f"--grpc-address={ep.host}", f"--grpc-port={ep.grpc_port}",
                 f"--metrics-address={ep.host}", f"--metrics-port={ep.metrics_port}",
                 "--allow-metrics=true", "--exit-on-error=true", "--strict-readiness=true",
+                f"--exit-timeout-secs={EXIT_TIMEOUT_SECONDS}",
                 f"--log-verbose={self.log_verbose}"]
         if self.response_cache_bytes and installation.cache_plugin_dir:
             args += [f"--cache-config=local,size={self.response_cache_bytes}",
@@ -180,8 +184,9 @@ class TritonServer:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton drains in-flight requests and unloads models), SIGKILL after `timeout`."""
+    def stop(self, timeout: float = EXIT_TIMEOUT_SECONDS + 60.0) -> int | None:
+        """SIGTERM (Triton drains in-flight requests, then unloads models: finalize() runs, e.g. the cache's last
+        snapshot), SIGKILL only after `timeout`, well past Triton's own exit timeout."""
         if self.process is None:
             return None
         if self.process.poll() is None:
