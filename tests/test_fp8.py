@@ -1,0 +1,262 @@
+"""FP8 path on a tiny random Llama (SmolLM2's tokenizer and vocabulary): Model Optimizer calibration and export,
+checks against the source model, the FP8 GEMM rebuild, and the accuracy gate."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tritonllm.builders.errors import BuildError
+from tritonllm.builders.fp8 import (CHECKPOINT_DIR, HF_FP8_DIR, HELDOUT_FILE, REPORT_FILE, build_fp8, calibrate_fp8,
+                                    config_mismatches, export_checkpoints, hf_export_mismatches, load_prompts,
+                                    tokenize_prompts)
+from tritonllm.builders.fp8_verify import (FP8_DTYPE, CheckpointModel, Fp8Linear, GateThresholds,
+                                           checkpoint_tensor_problems, run_gate, score_sequences)
+
+HF_TO_TRTLLM = {"self_attn.o_proj": "attention.dense", "mlp.gate_proj": "mlp.fc", "mlp.up_proj": "mlp.gate",
+                "mlp.down_proj": "mlp.proj"}
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama (hidden 64, 2 layers, 4 heads / 2 KV heads) with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tritonllm.builders.source import prepare_hf_model
+    from tritonllm.paths import cache_dir
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(prepare_hf_model(None, cache_dir()))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         architectures=["LlamaForCausalLM"])
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def heldout_ids(tiny_llama_dir) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    return tokenize_prompts(AutoTokenizer.from_pretrained(tiny_llama_dir), load_prompts(HELDOUT_FILE)[:12])
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_llama_dir, heldout_ids, tmp_path_factory):
+    """Calibrated (FP8 weights, activations and KV cache) and exported once; also the simulated-quantization model
+    (Model Optimizer's fake quantization, in float32) with every quantized linear layer's input and output captured."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("fp8-export")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    calibrate_fp8(model, heldout_ids[:6], kv_cache_fp8=True)
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    export_tensorrt_llm_checkpoint(model, "llama", torch.bfloat16, out / CHECKPOINT_DIR, inference_tensor_parallel=1)
+    simulated = copy.deepcopy(model).float()  # after the TensorRT-LLM export: fused layers share their scales
+    captured = {}
+    hooks = [module.register_forward_hook(lambda _, args, output, name=name: captured.__setitem__(
+        name, (args[0].detach(), output.detach())))
+             for name, module in simulated.named_modules() if type(module).__name__ == "QuantLinear"]
+    with torch.no_grad():
+        simulated(heldout_ids[0].unsqueeze(0))
+    for hook in hooks:
+        hook.remove()
+    shutil.rmtree(out / CHECKPOINT_DIR)
+    export_checkpoints(model, out / CHECKPOINT_DIR, out / HF_FP8_DIR, tiny_llama_dir)
+    return out, captured
+
+
+def test_export_holds_fp8_weights_with_positive_fp32_scales(exported):
+    out, _ = exported
+    config = json.loads((out / CHECKPOINT_DIR / "config.json").read_text())
+    tensors = load_file(out / CHECKPOINT_DIR / "rank0.safetensors")
+    assert config["quantization"] == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
+    assert checkpoint_tensor_problems(config, tensors) == []
+    for layer in range(2):
+        for linear in ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj"):
+            name = f"transformer.layers.{layer}.{linear}"
+            assert tensors[f"{name}.weight"].dtype == FP8_DTYPE
+            for scale in ("weights_scaling_factor", "activation_scaling_factor"):
+                assert tensors[f"{name}.{scale}"].dtype == torch.float32
+                assert tensors[f"{name}.{scale}"].item() > 0
+    assert tensors["lm_head.weight"].dtype == torch.bfloat16  # lm_head stays unquantized
+
+
+def test_fused_layers_share_one_scale(exported):
+    out, _ = exported
+    trt = load_file(out / CHECKPOINT_DIR / "rank0.safetensors")
+    hf = load_file(out / HF_FP8_DIR / "model.safetensors")
+    for layer in range(2):
+        prefix = f"transformer.layers.{layer}.mlp"
+        for scale in ("weights_scaling_factor", "activation_scaling_factor"):
+            assert torch.equal(trt[f"{prefix}.fc.{scale}"], trt[f"{prefix}.gate.{scale}"])
+        attention = f"model.layers.{layer}.self_attn"
+        for scale in ("weight_scale", "input_scale"):
+            q, k, v = (hf[f"{attention}.{p}_proj.{scale}"] for p in "qkv")
+            assert torch.equal(q, k) and torch.equal(q, v)
+            mlp = f"model.layers.{layer}.mlp"
+            assert torch.equal(hf[f"{mlp}.gate_proj.{scale}"], hf[f"{mlp}.up_proj.{scale}"])
+    # Both exports hold the same FP8 model, weights bit for bit.
+    assert hf_export_mismatches(out / HF_FP8_DIR, trt, layers=2) == []
+
+
+def test_exported_config_is_checked_against_the_source(exported, tiny_llama_dir):
+    from transformers import AutoConfig
+
+    out, _ = exported
+    source = AutoConfig.from_pretrained(tiny_llama_dir)
+    config = json.loads((out / CHECKPOINT_DIR / "config.json").read_text())
+    assert config["rotary_base"] == source.rope_theta == 100000.0
+    assert config_mismatches(config, source, kv_cache_fp8=True) == []
+
+    assert config_mismatches(config, source, kv_cache_fp8=False) == [
+        "quantization.kv_cache_quant_algo = 'FP8', source model: None"]
+    broken = {**config, "rotary_base": 10000.0, "num_key_value_heads": 4}
+    del broken["norm_epsilon"]
+    assert config_mismatches(broken, source, kv_cache_fp8=True) == [
+        "num_key_value_heads = 4, source model: 2",
+        "norm_epsilon is missing (source: 1e-05)",
+        "rotary_base = 10000.0, source model: 100000.0"]
+
+
+def test_fp8_gemm_matches_model_optimizer_simulated_quantization(exported):
+    out, captured = exported
+    tensors = load_file(out / CHECKPOINT_DIR / "rank0.safetensors")
+
+    def fp8_linear(name: str) -> Fp8Linear:
+        return Fp8Linear(tensors[f"{name}.weight"], tensors[f"{name}.weights_scaling_factor"],
+                         tensors[f"{name}.activation_scaling_factor"])
+
+    for layer in range(2):
+        hf, trt = f"model.layers.{layer}", f"transformer.layers.{layer}"
+        x, _ = captured[f"{hf}.self_attn.q_proj"]
+        simulated = torch.cat([captured[f"{hf}.self_attn.{p}_proj"][1] for p in "qkv"], dim=-1)
+        assert _relative_error(fp8_linear(f"{trt}.attention.qkv")(x), simulated) < 1e-5
+        for hf_name, trt_name in HF_TO_TRTLLM.items():
+            x, simulated = captured[f"{hf}.{hf_name}"]
+            assert x.dtype == torch.float32
+            assert _relative_error(fp8_linear(f"{trt}.{trt_name}")(x), simulated) < 1e-5
+
+
+def test_rebuild_matches_transformers_on_an_unquantized_checkpoint(tiny_llama_dir, heldout_ids, tmp_path):
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    export_tensorrt_llm_checkpoint(model, "llama", torch.bfloat16, tmp_path, inference_tensor_parallel=1)
+    rebuilt = CheckpointModel(tmp_path, compute_dtype=torch.float32)
+    ids = heldout_ids[0].unsqueeze(0)
+    with torch.no_grad():
+        expected = model.float()(ids).logits
+    assert _relative_error(rebuilt.logits(ids), expected) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference_scores(tiny_llama_dir, heldout_ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    return score_sequences(lambda ids: model(ids).logits, heldout_ids)
+
+
+def test_gate_accepts_the_export_and_rejects_a_damaged_one(exported, heldout_ids, reference_scores, tmp_path):
+    out, _ = exported
+    good = run_gate(CheckpointModel(out / CHECKPOINT_DIR), heldout_ids, reference_scores, GateThresholds())
+    assert good.passed, good.failures
+    assert good.tokens == sum(len(ids) - 1 for ids in heldout_ids)
+
+    damaged_dir = tmp_path / "damaged"
+    shutil.copytree(out / CHECKPOINT_DIR, damaged_dir)
+    tensors = load_file(damaged_dir / "rank0.safetensors")
+    for name in [n for n in tensors if n.endswith("weights_scaling_factor")]:
+        tensors[name] = tensors[name] * 100
+    save_file(tensors, damaged_dir / "rank0.safetensors")
+    damaged = run_gate(CheckpointModel(damaged_dir), heldout_ids, reference_scores, GateThresholds())
+    assert not damaged.passed
+    assert damaged.top1_agreement < 0.1 < good.top1_agreement
+    assert damaged.failures[0].startswith("greedy top-1 agreement")
+
+
+def test_checkpoint_with_bad_scales_is_refused(exported, tmp_path):
+    out, _ = exported
+    shutil.copytree(out / CHECKPOINT_DIR, tmp_path, dirs_exist_ok=True)
+    tensors = load_file(tmp_path / "rank0.safetensors")
+    tensors["transformer.layers.1.mlp.proj.activation_scaling_factor"] *= -1
+    tensors["transformer.layers.0.attention.qkv.weight"] = tensors["transformer.layers.0.attention.qkv.weight"].half()
+    save_file(tensors, tmp_path / "rank0.safetensors")
+    with pytest.raises(BuildError) as error:
+        CheckpointModel(tmp_path)
+    message = str(error.value)
+    assert "transformer.layers.0.attention.qkv.weight is torch.float16, expected torch.float8_e4m3fn" in message
+    assert "transformer.layers.1.mlp.proj.activation_scaling_factor = -" in message
+
+
+def test_build_fp8_publishes_only_a_passing_build(tiny_llama_dir, tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"prompt": f"Question {i}: what is {i} + {i}?"}) for i in range(8)) + "\n")
+    out = tmp_path / "fp8"
+    result = build_fp8(tiny_llama_dir, out, calib, 8, kv_cache_fp8=False, gate=GateThresholds())
+    assert result.out_dir == out and result.report.passed
+    assert {p.name for p in out.iterdir()} >= {CHECKPOINT_DIR, HF_FP8_DIR, REPORT_FILE}
+    assert (out / CHECKPOINT_DIR / "config.json").is_file() and (out / CHECKPOINT_DIR / "rank0.safetensors").is_file()
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["passed"] and report["kv_cache_quant_algo"] is None and report["extra"]["calibration_prompts"] == 8
+
+    rejected_out = tmp_path / "fp8-strict"
+    impossible = GateThresholds(min_top1_agreement=1.0, max_perplexity_increase=0.0)
+    with pytest.raises(BuildError, match="rejected by the accuracy gate"):
+        build_fp8(tiny_llama_dir, rejected_out, calib, 8, kv_cache_fp8=False, gate=impossible)
+    assert not rejected_out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.jsonl", "fp8", "fp8-strict.rejected-gate-report.json"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("", "holds no prompts"),
+    ("\n\n", "holds no prompts"),
+    ('{"prompt": "ok"}\nnot json\n', ":2 is not JSON"),
+    ('["a list"]\n', ':1 has no non-empty "prompt" or "text"'),
+    ('{"question": "wrong field"}\n', ':1 has no non-empty "prompt" or "text"'),
+    ('{"text": "   "}\n', ':1 has no non-empty "prompt" or "text"'),
+    ('{"prompt": "one"}\n{"text": "two"}\n', "holds 2 prompts, fewer than the 3 asked for"),
+])
+def test_bad_calibration_files_are_explained(tmp_path, content, message):
+    path = tmp_path / "calib.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(BuildError, match=message):
+        load_prompts(path, 3)
+
+
+def test_shipped_prompt_sets_are_large_varied_and_disjoint():
+    from tritonllm.builders.fp8 import DEFAULT_CALIBRATION_FILE
+
+    calibration, heldout = load_prompts(DEFAULT_CALIBRATION_FILE), load_prompts(HELDOUT_FILE)
+    assert len(calibration) >= 128 and len(heldout) >= 24
+    assert {kind for kind, _ in calibration} == {"prompt", "text"}
+    assert not {text for _, text in calibration} & {text for _, text in heldout}
+    everything = "".join(text for _, text in calibration)
+    for sample in ("def ", "SELECT", "é", "ü", "中", "日本", "한국", "москва".capitalize()):
+        assert sample in everything
+
+
+@pytest.mark.parametrize("thresholds", [GateThresholds(min_top1_agreement=0.0), GateThresholds(min_top1_agreement=1.5),
+                                        GateThresholds(max_perplexity_increase=-0.1)])
+def test_gate_thresholds_are_validated(thresholds):
+    with pytest.raises(BuildError, match="gate"):
+        thresholds.validate()
