@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tritonllm.builders.model_config import read_parameters
 from tritonllm.python_backends.detokenizer import decode_piece
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.token_bytes import TokenBytes
@@ -18,8 +19,7 @@ from tritonllm.python_backends.triton_io import error_response, get_input, row_v
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        tokenizer_path = config["parameters"]["tokenizer_path"]["string_value"]
+        tokenizer_path = read_parameters(json.loads(args["model_config"]))["tokenizer_path"]
         self.table = TokenBytes.from_tokenizer_dir(Path(args["model_repository"]) / args["model_version"]
                                                    / tokenizer_path)
 

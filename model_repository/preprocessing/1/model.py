@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tritonllm.builders.model_config import read_parameters
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.preprocessing import Preprocessor, stack_prepared
 from tritonllm.python_backends.triton_io import error_response, get_input, row_values
@@ -13,8 +14,7 @@ from tritonllm.python_backends.triton_io import error_response, get_input, row_v
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+        parameters = read_parameters(json.loads(args["model_config"]))
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.preprocessor = Preprocessor(version_dir / parameters["tokenizer_path"],
                                          int(parameters["max_context_length"]))
