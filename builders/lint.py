@@ -6,7 +6,7 @@ wildcard), every ensemble tensor must be produced and used, a step may not mix o
 a step's `max_batch_size` may not be smaller than the ensemble's, and the response cache refuses decoupled models.
 Beyond what Triton checks at load time: pieces of a stream handled by several instances must keep their order
 (`preserve_ordering`), a model that streams another model's answer must itself be decoupled, path parameters must
-lead to their files, and parameters follow the same rules as `builders/settings.py`.
+lead to their files, and parameters follow the same rules as `tritonllm/contract.py`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .model_config import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, ENGINE_PARAMETERS, PATH_PARAMETERS,
-                           decode_setting, read_parameters)
-from .settings import CacheSettings, EngineSettings, SettingsError
+from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, ENGINE_PARAMETERS, PATH_PARAMETERS,
+                                CacheSettings, EngineSettings, SettingsError, check_decoder_precision, decode_setting,
+                                read_parameters)
 
 Severity = Literal["error", "warning"]
 CONFIG_FILE = "config.pbtxt"
@@ -169,6 +169,11 @@ def _check_model_folder(folder: Path, config: mc.ModelConfig) -> list[Finding]:
             shown = required.relative_to(folder.parent) if required.is_relative_to(folder.parent) else required
             findings.append(Finding(f"{name}/{CONFIG_FILE}", f"parameters[{key}]", f"{text!r} does not lead to "
                                     f"{shown}; allowed: a path relative to {name}/{latest.name}/ {needs}"))
+        elif key == "onnx_path" and "precision" in read_parameters(config):
+            try:
+                check_decoder_precision(required, read_parameters(config)["precision"])
+            except (SettingsError, ValueError) as error:
+                findings.append(Finding(f"{name}/{CONFIG_FILE}", "parameters[precision]", str(error)))
     return findings
 
 

@@ -1,24 +1,17 @@
-"""Typed values for each model's `config.pbtxt.template`, and the parameter encoding shared by the renderer, the linter
-and the Triton adapters.
+"""Typed values for each model's `config.pbtxt.template` (build side: it escapes with protobuf's text encoding).
 
-Triton model parameters are strings. Engine and cache parameters are keyed by the field names of
-`EngineSettings` / `CacheSettings`, so an adapter reads them back with
-``settings_from_parameters(EngineSettings, read_parameters(json.loads(args["model_config"])))`` and gets the same
-checked values the renderer wrote.
+Engine and cache parameters are keyed by the field names of `EngineSettings` / `CacheSettings`; their encoding and
+decoding live in `tritonllm.contract`, which the Triton adapters read them back with. The `input`/`output` blocks of
+the ensemble and front model are rendered from the contract's tensors.
 """
 
 from __future__ import annotations
 
-import functools
-import typing
-from collections.abc import Mapping
-from dataclasses import fields
-from pathlib import Path
-from typing import Any, TypeVar
-
 from google.protobuf import text_encoding
 
-from .settings import CacheSettings, EngineSettings, RepositorySettings, SettingsError
+from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, ENGINE_PARAMETERS, ENSEMBLE_INPUTS,
+                                ENSEMBLE_OUTPUTS, FRONT_INPUTS, FRONT_OUTPUTS, RepositorySettings, SettingsError,
+                                encode_parameter, render_tensors)
 
 # Model folders of the rendered repository.
 ENSEMBLE = "ensemble"
@@ -34,19 +27,6 @@ ONNX_FOLDER = "onnx"
 ONNX_FILE = "model.onnx"
 EMBEDDER_FOLDER = "embedder"
 
-# EngineSettings fields the ONNX Runtime engine reads from its parameters.
-ENGINE_PARAMETERS: tuple[str, ...] = (
-    "precision", "max_batch_size", "max_queue_size", "kv_cache_max_tokens", "max_context_length",
-    "prefill_chunk_tokens", "prefill_group_ratio", "intra_op_threads")
-CACHE_PARAMETERS: tuple[str, ...] = tuple(f.name for f in fields(CacheSettings))
-# Parameter of the front model naming the model it sends cache misses to.
-CALLED_MODEL_PARAMETER = "ensemble_model_name"
-# Path parameters (relative to the version folder) -> a file the path must hold ("" : the path itself is the file or
-# folder that must exist).
-PATH_PARAMETERS: dict[str, str] = {"tokenizer_path": "tokenizer.json", "onnx_path": "", "embedder_path": ""}
-
-SettingsT = TypeVar("SettingsT", EngineSettings, CacheSettings)
-
 
 def pbtxt_string(text: str) -> str:
     """`text` escaped for the inside of a double-quoted protobuf text-format string.
@@ -54,63 +34,6 @@ def pbtxt_string(text: str) -> str:
     `$` is written as an octal escape so that a user's value can never look like a template placeholder.
     """
     return text_encoding.CEscape(text, as_utf8=True).replace("$", "\\044")
-
-
-def encode_parameter(value: object) -> str:
-    """The string a typed setting is stored as in a model config `parameters` entry."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (int, str, Path)):
-        return str(value)
-    raise TypeError(f"cannot encode a {type(value).__name__} as a model parameter; "
-                    "allowed: bool, int, float, str, Path")
-
-
-def read_parameters(config: Any) -> dict[str, str]:
-    """Parameters of a model config as plain strings.
-
-    `config` is a `model_config_pb2.ModelConfig` or the JSON dict the Python backend hands to `initialize`
-    (``json.loads(args["model_config"])``).
-    """
-    if isinstance(config, Mapping):
-        return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-    return {key: value.string_value for key, value in config.parameters.items()}
-
-
-@functools.cache
-def _field_types(settings_type: type) -> dict[str, Any]:
-    return typing.get_type_hints(settings_type)
-
-
-def decode_setting(settings_type: type, name: str, text: str) -> object:
-    """One parameter string decoded to the type of `settings_type.<name>`; bad text raises SettingsError."""
-    field_type = _field_types(settings_type)[name]
-    if field_type is bool:
-        if text not in ("true", "false"):
-            raise SettingsError(f"{name} = {text!r} is not allowed; allowed: true or false")
-        return text == "true"
-    if field_type in (int, float):
-        try:
-            return field_type(text)
-        except ValueError:
-            kind = "an integer" if field_type is int else "a number"
-            raise SettingsError(f"{name} = {text!r} is not allowed; allowed: {kind}") from None
-    return text  # str and Literal[...] of str; validate() checks Literal membership
-
-
-def settings_from_parameters(settings_type: type[SettingsT], parameters: Mapping[str, str],
-                             **fixed: object) -> SettingsT:
-    """`EngineSettings` / `CacheSettings` from model parameters (missing keys keep their defaults), validated.
-
-    `fixed` sets fields that are not parameters (e.g. ``kind="onnxruntime"``).
-    """
-    names = {f.name for f in fields(settings_type)}
-    values = {key: decode_setting(settings_type, key, text) for key, text in parameters.items() if key in names}
-    settings = settings_type(**{**values, **fixed})
-    settings.validate()
-    return settings
 
 
 def _count(value: object, name: str) -> str:
@@ -148,10 +71,14 @@ def template_values(model: str, settings: RepositorySettings) -> dict[str, str]:
                                      kv_cache_free_gpu_mem_fraction=engine.kv_cache_free_gpu_mem_fraction,
                                      enable_kv_cache_reuse=engine.enable_kv_cache_reuse)}
     if model == ENSEMBLE:
+        # Every input declared optional: see the ensemble template for why.
         return {"triton_max_batch_size": request_batch,
+                "inputs": render_tensors(ENSEMBLE_INPUTS, all_optional=True),
+                "outputs": render_tensors(ENSEMBLE_OUTPUTS),
                 **_string_parameters(engine_model_name=engine_model_name(settings))}
     if model == LLM:
         return {"triton_max_batch_size": request_batch,
+                "inputs": render_tensors(FRONT_INPUTS), "outputs": render_tensors(FRONT_OUTPUTS),
                 **_string_parameters(**{key: getattr(settings.cache, key) for key in CACHE_PARAMETERS},
                                      embedder_path=EMBEDDER_FOLDER,
                                      **{CALLED_MODEL_PARAMETER: ENSEMBLE})}

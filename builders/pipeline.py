@@ -17,10 +17,9 @@ folder that looks finished. Only exports that passed their gate are published.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,9 +30,10 @@ from typing import Any
 from tritonllm.paths import TEMPLATES_DIR, bundled_embedder, cache_dir
 
 from .errors import BuildError
+from .files import atomic_dir, link_tree
 from .onnx_export import BF16_UNSUPPORTED, EXPORT_PRECISIONS, export_decoder
 from .parity import FP32_TOLERANCE, check_parity, greedy_agreement, sample_prompts
-from .settings import CacheSettings, EngineSettings, RepositorySettings
+from tritonllm.contract import CacheSettings, EngineSettings, RepositorySettings
 from .source import content_key, prepare_hf_model
 
 BUILD_FILE = "build.json"
@@ -44,8 +44,14 @@ INT8_MIN_AGREEMENT = 0.9  # teacher-forced greedy agreement with the fp32 export
 AGREEMENT_PROMPTS, AGREEMENT_NEW_TOKENS = 16, 16
 
 _BUILDERS_DIR = Path(__file__).resolve().parent
-EXPORT_CODE = ("source.py", "onnx_export.py", "parity.py", "errors.py", "data/parity_prompts.txt")
-RENDER_CODE = ("pipeline.py", "repository.py", "model_config.py", "lint.py", "settings.py", "embedder.py")
+# The code (modules, found by import name) and data files (relative to builders/) each cached result is made by.
+EXPORT_CODE = ("tritonllm.builders.source", "tritonllm.builders.onnx_export", "tritonllm.builders.parity",
+               "tritonllm.builders.errors", "data/parity_prompts.txt")
+RENDER_CODE = ("tritonllm.builders.pipeline", "tritonllm.builders.repository", "tritonllm.builders.model_config",
+               "tritonllm.builders.lint", "tritonllm.builders.files", "tritonllm.contract",
+               "tritonllm.builders.embedder")
+EMBEDDER_CODE = ("tritonllm.builders.embedder", "tritonllm.python_backends.embedding",
+                 "data/embedder_check_sentences.txt")
 LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 # RepositorySettings fields a caller may set; the pipeline fills in the artifact paths and takes engine/cache apart.
 OVERRIDABLE_SETTINGS = tuple(f.name for f in fields(RepositorySettings)
@@ -154,10 +160,8 @@ def _assemble(layout: _Layout, hf_dir: Path, decoder_dir: Path, embedder_dir: Pa
     """Write the build folder under a temporary name (artifacts hard-linked), render, then swap it into place."""
     from .repository import render_repository
 
-    out_dir = layout.out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    # An earlier build in out_dir (checked by _finished_build) is retired only once the new one is whole.
+    with atomic_dir(layout.out_dir) as staging:
         staged = _Layout(staging, settings.engine.precision)
         link_tree(hf_dir, staged.hf)
         link_tree(decoder_dir, staged.onnx, skip=(GATE_FILE,))
@@ -169,22 +173,7 @@ def _assemble(layout: _Layout, hf_dir: Path, decoder_dir: Path, embedder_dir: Pa
                   "settings": json.loads(_settings_fingerprint(settings)),
                   "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         staged.build_file.write_text(json.dumps(record, indent=2) + "\n")
-        staging.chmod(0o755)
-        _swap_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return layout.result(key, cached=False)
-
-
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():  # an earlier build (checked by _finished_build): retire it only once the new one is whole
-        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-        out_dir.rename(retired / out_dir.name)
-        staging.rename(out_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
 
 
 def _export_key(source_key: str, precision: str) -> str:
@@ -198,8 +187,7 @@ def _decoder_artifact(hf_dir: Path, source_key: str, precision: str, root: Path,
     if (target / GATE_FILE).is_file():
         return target
     fp32_dir = None if precision == "fp32" else _decoder_artifact(hf_dir, source_key, "fp32", root, note)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=root) as work:
-        candidate = Path(work) / "decoder"
+    with atomic_dir(target, replace=False) as candidate:  # another build that published this key first wins
         note(f"exporting {precision} (minutes for a 100M+ model)")
         export_decoder(hf_dir, candidate, precision, fp32_dir=fp32_dir)
         if precision == "fp32":
@@ -219,7 +207,6 @@ def _decoder_artifact(hf_dir: Path, source_key: str, precision: str, root: Path,
                                  f"{AGREEMENT_PROMPTS} prompts x {AGREEMENT_NEW_TOKENS} tokens, required "
                                  f">= {INT8_MIN_AGREEMENT}")
         (candidate / GATE_FILE).write_text(json.dumps(gate, indent=2) + "\n")
-        _publish(candidate, target)
     return target
 
 
@@ -227,43 +214,28 @@ def _embedder_artifact(root: Path) -> Path:
     from .embedder import export_embedder
 
     source = bundled_embedder()
-    code = _code_version(('embedder.py', 'data/embedder_check_sentences.txt', '../python_backends/embedding.py'))
+    code = _code_version(EMBEDDER_CODE)
     target = root / f"embedder-{_hash(content_key(source), code)[:16]}"
     if not target.is_dir():
-        with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=root) as work:
-            export_embedder(Path(work) / "embedder", source)
-            _publish(Path(work) / "embedder", target)
+        export_embedder(target, source, replace=False)  # another build that published this key first wins
     return target
-
-
-def _publish(folder: Path, target: Path) -> None:
-    """Rename a finished folder into place; another build that published the same key first wins."""
-    folder.chmod(0o755)
-    try:
-        folder.rename(target)
-    except OSError:
-        if not target.is_dir():
-            raise
-
-
-def link_tree(source: Path, destination: Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy a folder as hard links (no extra disk for GB-sized weights), falling back to copies across filesystems."""
-    shutil.copytree(source, destination, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(*skip))
-
-
-def _link_or_copy(source: str, destination: str) -> None:
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
 
 
 def _hash(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def _code_version(relative_paths: tuple[str, ...]) -> str:
-    return _hash(*(content_key(_BUILDERS_DIR / path) for path in relative_paths))
+def _code_version(sources: tuple[str, ...]) -> str:
+    """Hash of the named modules' source files and of data files (names with a '/') under builders/."""
+    return _hash(*(content_key(_BUILDERS_DIR / source if "/" in source else _module_file(source))
+                   for source in sources))
+
+
+def _module_file(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise BuildError(f"cannot fingerprint the build code: module {module} not found")
+    return Path(spec.origin)
 
 
 def _templates_version() -> str:

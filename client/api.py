@@ -16,6 +16,8 @@ from typing import Iterator, Literal
 import numpy as np
 import requests
 
+from tritonllm.contract import FRONT_INPUTS
+
 Protocol = Literal["grpc", "http"]
 
 
@@ -48,14 +50,9 @@ class GenerationParams:
     cache: str | None = None  # front model only: use | bypass | refresh
 
 
-# name -> (Triton datatype, numpy dtype); lists become BYTES [-1]
-_INPUT_TYPES: dict[str, tuple[str, object]] = {
-    "max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
-    "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64), "min_tokens": ("INT32", np.int32),
-    "end_id": ("INT32", np.int32), "pad_id": ("INT32", np.int32), "stop_words": ("BYTES", np.object_),
-    "bad_words": ("BYTES", np.object_), "exclude_input_in_output": ("BOOL", np.bool_),
-    "apply_chat_template": ("BOOL", np.bool_), "tenant": ("BYTES", np.object_), "cache": ("BYTES", np.object_),
-}
+# name -> (wire datatype, numpy dtype), from the front model's contract (a superset of the ensemble's)
+_INPUT_TYPES: dict[str, tuple[str, np.dtype]] = {tensor.name: (tensor.wire_type, np.dtype(tensor.numpy_dtype))
+                                                 for tensor in FRONT_INPUTS}
 
 
 @dataclass
@@ -71,8 +68,8 @@ class StreamEvent:
 def request_arrays(prompt: str | bytes, params: GenerationParams, stream: bool) -> dict[str, tuple[str, np.ndarray]]:
     """Input name -> (datatype, array with the batch dim of 1) for the ensemble contract."""
     text = prompt.encode() if isinstance(prompt, str) else prompt
-    arrays = {"text_input": ("BYTES", np.array([[text]], dtype=np.object_)),
-              "stream": ("BOOL", np.array([[stream]], dtype=np.bool_))}
+    arrays = {name: (_INPUT_TYPES[name][0], np.array([[value]], dtype=_INPUT_TYPES[name][1]))
+              for name, value in (("text_input", text), ("stream", stream))}
     for name, value in asdict(params).items():
         if value is None:
             continue

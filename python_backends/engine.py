@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tritonllm.builders.settings import EngineSettings
+from tritonllm.contract import EngineSettings
 from tritonllm.python_backends.detokenizer import ENGINE_CONTEXT_TOKENS
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 from tritonllm.python_backends.onnx_runner import DecodeBatch, OnnxRunner, PrefillGroup

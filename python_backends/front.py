@@ -28,20 +28,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from tritonllm.builders.model_config import CALLED_MODEL_PARAMETER, settings_from_parameters
-from tritonllm.builders.settings import CacheSettings
+from tritonllm import contract
+from tritonllm.contract import (CACHE_MODES, CALLED_MODEL_PARAMETER, CacheSettings, required_parameter,
+                                settings_from_parameters)
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.sampling import SamplingParams
 from tritonllm.python_backends.semantic_cache import Autosaver, CacheKey, SemanticCache, SnapshotLoad
 
-ENSEMBLE_INPUTS: dict[str, type] = {
-    "text_input": np.object_, "max_tokens": np.int32, "stream": np.bool_, "exclude_input_in_output": np.bool_,
-    "temperature": np.float32, "top_p": np.float32, "top_k": np.int32, "end_id": np.int32, "pad_id": np.int32,
-    "min_tokens": np.int32, "stop_words": np.object_, "bad_words": np.object_, "seed": np.uint64,
-    "apply_chat_template": np.bool_,
-}
-REQUEST_INPUTS: dict[str, type] = {**ENSEMBLE_INPUTS, "tenant": np.object_, "cache": np.object_}
-CACHE_MODES = ("use", "bypass", "refresh")
+# Input name -> numpy dtype, from the contract: what the ensemble takes, and what the front model takes.
+ENSEMBLE_INPUTS: dict[str, np.dtype] = {tensor.name: np.dtype(tensor.numpy_dtype)
+                                        for tensor in contract.ENSEMBLE_INPUTS}
+REQUEST_INPUTS: dict[str, np.dtype] = {tensor.name: np.dtype(tensor.numpy_dtype) for tensor in contract.FRONT_INPUTS}
 SCALAR_KEY_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_tokens", "end_id",
                      "apply_chat_template")
 WORDS_KEY_INPUTS = ("stop_words", "bad_words")
@@ -151,10 +148,10 @@ def build_front(parameters: Mapping[str, str], version_dir: Path,
     from tritonllm.python_backends.embedding import Embedder
 
     settings = settings_from_parameters(CacheSettings, parameters)
-    model = _parameter(parameters, CALLED_MODEL_PARAMETER)
+    model = required_parameter(parameters, CALLED_MODEL_PARAMETER, "llm")
     if not settings.enabled:
         return Front(None, model, on_lookup=on_lookup), SnapshotLoad(0, None)
-    embedder = Embedder(version_dir / _parameter(parameters, "embedder_path"))
+    embedder = Embedder(version_dir / required_parameter(parameters, "embedder_path", "llm"))
     cache = SemanticCache(settings, embedder.embed_one, embedder.dimension, embedder.identity)
     snapshot = version_dir / (settings.persist_path or DEFAULT_SNAPSHOT_FILE)  # an absolute persist_path wins
     loaded = cache.load_snapshot(snapshot)
@@ -178,13 +175,6 @@ Item = TypeVar("Item")
 def _mark_last(items: list[Item]) -> Iterator[tuple[Item, bool]]:
     for position, item in enumerate(items):
         yield item, position == len(items) - 1
-
-
-def _parameter(parameters: Mapping[str, str], name: str) -> str:
-    value = parameters.get(name, "").strip()
-    if not value:
-        raise ValueError(f"llm model configuration lacks the parameter {name}")
-    return value
 
 
 def _scalar(arrays: Mapping[str, np.ndarray], name: str) -> Any:

@@ -43,7 +43,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from tritonllm.builders.settings import CacheSettings
+from tritonllm.contract import CacheSettings
 
 logger = logging.getLogger(__name__)
 

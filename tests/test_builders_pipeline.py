@@ -12,7 +12,7 @@ from test_builders_onnx import save_tiny_model
 from tritonllm.builders import pipeline
 from tritonllm.builders.errors import BuildError
 from tritonllm.builders.pipeline import build
-from tritonllm.builders.settings import CacheSettings, EngineSettings, SettingsError
+from tritonllm.contract import CacheSettings, EngineSettings, SettingsError
 
 NO_CACHE = CacheSettings(enabled=False)  # skips the sentence embedder export; the slow build covers it
 

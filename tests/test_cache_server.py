@@ -18,7 +18,7 @@ from test_embedding import embedder_dir  # noqa: F401  (session fixture: one exp
 from test_engine_batching import _export_tiny_llama
 
 from tritonllm.builders import repository
-from tritonllm.builders.settings import CacheSettings, EngineSettings, RepositorySettings
+from tritonllm.contract import CacheSettings, EngineSettings, RepositorySettings
 from tritonllm.client.api import GenerationError, GenerationParams, LLMClient
 from tritonllm.server import TritonServer
 

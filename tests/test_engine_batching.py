@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tritonllm.builders.settings import EngineSettings
+from tritonllm.contract import EngineSettings
 from tritonllm.python_backends.detokenizer import ENGINE_CONTEXT_TOKENS
 from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable

@@ -12,9 +12,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from test_repository_render import make_artifacts
 from tritonllm.builders.lint import Finding, format_findings, lint_model_configs, lint_repository
-from tritonllm.builders.model_config import CALLED_MODEL_PARAMETER
 from tritonllm.builders.repository import render_repository
-from tritonllm.builders.settings import CacheSettings, EngineSettings, RepositorySettings
+from tritonllm.contract import CALLED_MODEL_PARAMETER, CacheSettings, EngineSettings, RepositorySettings
 
 
 @pytest.fixture(scope="module")

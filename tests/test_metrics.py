@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonllm.builders.settings import EngineSettings
+from tritonllm.contract import EngineSettings
 from tritonllm.client.perf import scrape_metrics
 from tritonllm.python_backends.engine import Engine, EngineStats, GenerationRequest
 from tritonllm.python_backends.metrics import (

@@ -15,10 +15,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonllm.builders.lint import lint_repository
-from tritonllm.builders.model_config import (CALLED_MODEL_PARAMETER, ENGINE, ENSEMBLE, LLM, POSTPROCESSING,
-                                             PREPROCESSING, TENSORRT_LLM, read_parameters, settings_from_parameters)
+from tritonllm.builders.model_config import ENGINE, ENSEMBLE, LLM, POSTPROCESSING, PREPROCESSING, TENSORRT_LLM
 from tritonllm.builders.repository import RepositoryRenderError, models_to_render, render_repository
-from tritonllm.builders.settings import CacheSettings, EngineSettings, RepositorySettings, SettingsError
+from tritonllm.contract import (CALLED_MODEL_PARAMETER, CacheSettings, EngineSettings, RepositorySettings,
+                                SettingsError, read_parameters, settings_from_parameters)
 from tritonllm.paths import TEMPLATES_DIR
 
 # The ensemble (and front model) contract of docs/architecture.md: name -> (data type, dims, optional).

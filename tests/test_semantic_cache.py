@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_embedding import embedder, embedder_dir  # noqa: F401  (session fixtures: one export per session)
 
-from tritonllm.builders.settings import CacheSettings, SettingsError
+from tritonllm.contract import CacheSettings, SettingsError
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.front import Cancelled, Front, Reply, answer_pieces, build_front
 from tritonllm.python_backends.semantic_cache import (Autosaver, PartitionIndex, SemanticCache, _write_atomically,

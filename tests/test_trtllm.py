@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tritonllm.builders.errors import BuildError
-from tritonllm.builders.settings import EngineSettings, SettingsError
+from tritonllm.contract import EngineSettings, SettingsError
 from tritonllm.builders.trtllm import (NGC_IMAGE, TensorRTLLMUnavailable, build_engine, checkpoint_quantization,
                                        ngc_instructions, trtllm_build_args)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.builders.model_config import read_parameters, settings_from_parameters
-from tritonllm.builders.settings import EngineSettings
+from tritonllm.contract import (EngineSettings, check_decoder_precision, read_parameters, required_parameter,
+                                settings_from_parameters)
 from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 from tritonllm.python_backends.metrics import EngineMetrics
@@ -25,10 +25,6 @@ from tritonllm.python_backends.triton_io import get_input, row_values, triton_er
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def _optional_parameter(parameters: dict[str, str], name: str) -> int | None:
-    return int(parameters[name]) if parameters.get(name, "") != "" else None
-
-
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         parameters = read_parameters(json.loads(args["model_config"]))
@@ -36,10 +32,11 @@ class TritonPythonModel:
         settings = settings_from_parameters(EngineSettings, parameters, kind="onnxruntime")
         self.metrics = EngineMetrics(pb_utils.MetricFamily, args["model_name"], args["model_version"],
                                      settings.kv_cache_max_tokens)
-        self.engine = Engine(version_dir / parameters["onnx_path"], settings,
-                             end_id_default=_optional_parameter(parameters, "end_id"),
-                             pad_id_default=_optional_parameter(parameters, "pad_id") or 0,
-                             token_timer=self.metrics.timings)
+        onnx_path = version_dir / required_parameter(parameters, "onnx_path", "engine")
+        check_decoder_precision(onnx_path, settings.precision)
+        # end_id comes with each request (preprocessing fills in the model's eos); pad_id needs no default: padded
+        # prefill positions are masked, so the pad token never changes the text.
+        self.engine = Engine(onnx_path, settings, token_timer=self.metrics.timings)
         self.metrics.start(self.engine.stats)
 
     def execute(self, requests: list) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.builders.model_config import read_parameters
+from tritonllm.contract import read_parameters
 from tritonllm.python_backends import front
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 from tritonllm.python_backends.semantic_cache import CacheStats

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.builders.model_config import read_parameters
+from tritonllm.contract import read_parameters
 from tritonllm.python_backends.detokenizer import decode_piece
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.token_bytes import TokenBytes

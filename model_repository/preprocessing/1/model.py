@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.builders.model_config import read_parameters
+from tritonllm.contract import read_parameters
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.preprocessing import Preprocessor, stack_prepared
 from tritonllm.python_backends.triton_io import error_response, get_input, row_values

@@ -1,0 +1,335 @@
+"""The one place that says what the deployment's models exchange and how they are configured.
+
+A leaf module (standard library only: no numpy, no protobuf, no Triton), so the Triton Python stubs, the renderer,
+the linter, the client and the docs all read the same facts:
+
+- the request contract of the ensemble and of the front model `llm` (tensor name, Triton data type, dims, optional);
+  the config templates render their `input`/`output` blocks from it, the front model and the client derive their
+  tensor types from it, and `docs/architecture.md` holds the table `contract_table()` writes;
+- the typed settings every number of a generated `config.pbtxt` starts from (`EngineSettings`, `CacheSettings`,
+  `RepositorySettings`), checked once by ``validate``;
+- the encoding of those settings as Triton model parameters (strings), shared by the renderer, the linter and the
+  Triton adapters: ``settings_from_parameters(EngineSettings, read_parameters(json.loads(args["model_config"])))``
+  gives back the same checked values the renderer wrote.
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+# --- tensors ---------------------------------------------------------------------------------------------------------
+
+# Triton config data type -> (wire data type of the client libraries, numpy dtype name).
+DATA_TYPES: dict[str, tuple[str, str]] = {
+    "TYPE_STRING": ("BYTES", "object"), "TYPE_BOOL": ("BOOL", "bool"), "TYPE_INT32": ("INT32", "int32"),
+    "TYPE_UINT64": ("UINT64", "uint64"), "TYPE_FP32": ("FP32", "float32"),
+}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input or output of a model; `dims` exclude the batch dimension; `note` is rendered as a comment."""
+
+    name: str
+    data_type: str  # Triton config type, a key of DATA_TYPES
+    dims: tuple[int, ...]
+    optional: bool = False
+    note: str = ""
+
+    @property
+    def wire_type(self) -> str:
+        """Data type as the client libraries name it (BYTES, INT32, ...)."""
+        return DATA_TYPES[self.data_type][0]
+
+    @property
+    def numpy_dtype(self) -> str:
+        """numpy dtype name (``np.dtype(tensor.numpy_dtype)``); BYTES tensors are object arrays."""
+        return DATA_TYPES[self.data_type][1]
+
+
+# The ensemble keeps the I/O contract of NVIDIA's tensorrtllm_backend ensemble, so genai-perf, perf_analyzer and
+# existing clients work unchanged. `optional` is what a client may leave out.
+ENSEMBLE_INPUTS: tuple[Tensor, ...] = (
+    Tensor("text_input", "TYPE_STRING", (1,), note="prompt text"),
+    Tensor("max_tokens", "TYPE_INT32", (1,), note="new tokens at most"),
+    Tensor("stream", "TYPE_BOOL", (1,), True, "stream pieces as they come (default false)"),
+    Tensor("exclude_input_in_output", "TYPE_BOOL", (1,), True, "leave the prompt out of a non-streamed answer"),
+    Tensor("temperature", "TYPE_FP32", (1,), True, "0 or absent: greedy"),
+    Tensor("top_p", "TYPE_FP32", (1,), True),
+    Tensor("top_k", "TYPE_INT32", (1,), True),
+    Tensor("end_id", "TYPE_INT32", (1,), True, "end token; default: the model's eos"),
+    Tensor("pad_id", "TYPE_INT32", (1,), True,
+           "padding token of TensorRT-LLM's contract; the ONNX engine masks padding, so it never changes the text"),
+    Tensor("min_tokens", "TYPE_INT32", (1,), True, "end_id is banned until this many new tokens"),
+    Tensor("stop_words", "TYPE_STRING", (-1,), True),
+    Tensor("bad_words", "TYPE_STRING", (-1,), True),
+    Tensor("seed", "TYPE_UINT64", (1,), True),
+    Tensor("apply_chat_template", "TYPE_BOOL", (1,), True,
+           "ours: wrap the prompt in the model's chat template as one user turn"),
+)
+ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (Tensor("text_output", "TYPE_STRING", (-1,), note="answer text (a piece)"),)
+# The front model `llm`: the ensemble's contract plus these.
+FRONT_ONLY_INPUTS: tuple[Tensor, ...] = (
+    Tensor("tenant", "TYPE_STRING", (1,), True, "front model only: whose cache entries a request may see"),
+    Tensor("cache", "TYPE_STRING", (1,), True, "front model only: use | bypass | refresh (default use)"),
+)
+FRONT_INPUTS: tuple[Tensor, ...] = ENSEMBLE_INPUTS + FRONT_ONLY_INPUTS
+FRONT_OUTPUTS: tuple[Tensor, ...] = ENSEMBLE_OUTPUTS + (
+    Tensor("cache_hit", "TYPE_BOOL", (1,), note="whether this answer came from the cache"),
+    Tensor("cache_similarity", "TYPE_FP32", (1,),
+           note="cosine similarity of the cached entry served (1 for exact), or of the closest on a miss"),
+)
+CACHE_MODES: tuple[str, ...] = ("use", "bypass", "refresh")
+
+
+def tensors_by_name(tensors: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    return {tensor.name: tensor for tensor in tensors}
+
+
+def render_tensors(tensors: tuple[Tensor, ...], all_optional: bool = False) -> str:
+    """The entries of a config.pbtxt `input [...]` / `output [...]` block, one tensor a line, notes as comments.
+
+    `all_optional` declares every tensor optional (the ensemble does: see its template for why).
+    """
+    lines = []
+    for position, tensor in enumerate(tensors):
+        if tensor.note:
+            lines.append(f"  # {tensor.name}: {tensor.note}")
+        dims = ", ".join(str(dim) for dim in tensor.dims)
+        optional = " optional: true" if tensor.optional or all_optional else ""
+        comma = "," if position < len(tensors) - 1 else ""
+        lines.append(f'  {{ name: "{tensor.name}" data_type: {tensor.data_type} dims: [ {dims} ]{optional} }}{comma}')
+    return "\n".join(lines)
+
+
+def contract_table() -> str:
+    """The Markdown table of the request contract that docs/architecture.md holds (a test keeps them equal)."""
+    rows = ["| tensor | in/out | data type | dims | optional | models | meaning |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for direction, tensors, models in (("in", ENSEMBLE_INPUTS, "ensemble, llm"), ("in", FRONT_ONLY_INPUTS, "llm"),
+                                       ("out", ENSEMBLE_OUTPUTS, "ensemble, llm"),
+                                       ("out", FRONT_OUTPUTS[len(ENSEMBLE_OUTPUTS):], "llm")):
+        for tensor in tensors:
+            dims = "[" + ", ".join(str(dim) for dim in tensor.dims) + "]"
+            rows.append(f"| `{tensor.name}` | {direction} | {tensor.wire_type} | {dims} | "
+                        f"{'yes' if tensor.optional else 'no'} | {models} | {tensor.note} |")
+    return "\n".join(rows)
+
+
+# --- settings --------------------------------------------------------------------------------------------------------
+
+Precision = Literal["fp32", "int8", "bf16"]
+EngineKind = Literal["onnxruntime", "tensorrt_llm"]
+
+PRECISIONS: tuple[str, ...] = ("fp32", "int8", "bf16")
+
+
+class SettingsError(ValueError):
+    """A setting is out of its allowed range; the message names the setting and what is allowed."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The in-flight batching engine (ONNX Runtime Python model, or TensorRT-LLM in NGC containers)."""
+
+    kind: EngineKind = "onnxruntime"
+    precision: Precision = "fp32"
+    max_batch_size: int = 16  # sequences decoded together in one step
+    max_queue_size: int = 128  # requests waiting for admission; beyond it: UNAVAILABLE
+    kv_cache_max_tokens: int = 32768  # KV budget summed over running sequences (prompt + generated)
+    max_context_length: int = 2048  # prompt + generated tokens of one sequence
+    prefill_chunk_tokens: int = 256  # long prompts are prefilled in chunks so running streams keep flowing
+    prefill_group_ratio: float = 1.2  # prompts batched in one prefill differ in length by at most this factor
+    intra_op_threads: int = 0  # ONNX Runtime threads; 0 = one per core
+    # TensorRT-LLM only (rendered into the tensorrt_llm model).
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    enable_kv_cache_reuse: bool = True
+    max_queue_delay_microseconds: int = 0
+
+    def validate(self) -> None:
+        _check(self.kind in ("onnxruntime", "tensorrt_llm"), "engine.kind", self.kind, "onnxruntime or tensorrt_llm")
+        _check(self.precision in PRECISIONS, "engine.precision", self.precision, " / ".join(PRECISIONS))
+        _check(1 <= self.max_batch_size <= 256, "engine.max_batch_size", self.max_batch_size, "1..256")
+        _check(1 <= self.max_queue_size <= 100_000, "engine.max_queue_size", self.max_queue_size, "1..100000")
+        _check(16 <= self.max_context_length <= 1_048_576, "engine.max_context_length", self.max_context_length,
+               "16..1048576")
+        _check(self.kv_cache_max_tokens >= self.max_context_length, "engine.kv_cache_max_tokens",
+               self.kv_cache_max_tokens, f">= max_context_length ({self.max_context_length}) so one full sequence fits")
+        _check(1 <= self.prefill_chunk_tokens <= self.max_context_length, "engine.prefill_chunk_tokens",
+               self.prefill_chunk_tokens, f"1..max_context_length ({self.max_context_length})")
+        _check(1.0 <= self.prefill_group_ratio <= 4.0, "engine.prefill_group_ratio", self.prefill_group_ratio,
+               "1.0..4.0")
+        _check(0 <= self.intra_op_threads <= 1024, "engine.intra_op_threads", self.intra_op_threads,
+               "0 (one per core) .. 1024")
+        _check(0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0, "engine.kv_cache_free_gpu_mem_fraction",
+               self.kv_cache_free_gpu_mem_fraction, "(0, 1]")
+        _check(self.max_queue_delay_microseconds >= 0, "engine.max_queue_delay_microseconds",
+               self.max_queue_delay_microseconds, ">= 0")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Semantic cache in the front model."""
+
+    enabled: bool = True
+    similarity_threshold: float = 0.96  # cosine; lowest with no wrong hit on benchmarks/data/paraphrases.jsonl + 0.01
+    ttl_seconds: float = 3600.0
+    max_entries: int = 100_000
+    max_answer_bytes: int = 65536
+    persist_path: str = ""  # empty: <model version dir>/cache_snapshot
+    snapshot_interval_seconds: float = 30.0
+    cache_sampled: bool = False  # cache temperature>0 answers that carry no seed
+
+    def validate(self) -> None:
+        _check(0.0 < self.similarity_threshold <= 1.0, "cache.similarity_threshold", self.similarity_threshold,
+               "(0, 1]")
+        _check(self.ttl_seconds > 0, "cache.ttl_seconds", self.ttl_seconds, "> 0")
+        _check(1 <= self.max_entries <= 10_000_000, "cache.max_entries", self.max_entries, "1..10000000")
+        _check(1 <= self.max_answer_bytes <= 16 * 1024 * 1024, "cache.max_answer_bytes", self.max_answer_bytes,
+               "1..16777216")
+        _check(self.snapshot_interval_seconds > 0, "cache.snapshot_interval_seconds",
+               self.snapshot_interval_seconds, "> 0")
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    """Everything the renderer needs to write a deployable model repository."""
+
+    tokenizer_dir: Path  # HF folder holding tokenizer files (+ generation_config.json)
+    onnx_dir: Path | None = None  # folder holding model.onnx (+ external data) for the onnxruntime engine
+    trtllm_engine_dir: str = ""  # engine folder path *inside the serving container* for the tensorrt_llm engine
+    embedder_dir: Path | None = None  # folder holding the ONNX sentence embedder for the semantic cache
+    served_model_name: str = "smollm2-135m-instruct"
+    max_request_batch_size: int = 64  # Triton-level max_batch_size of ensemble/pre/post models
+    preprocessing_instances: int = 1
+    postprocessing_instances: int = 1
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+
+    def validate(self) -> None:
+        self.engine.validate()
+        self.cache.validate()
+        _check(1 <= self.max_request_batch_size <= 1024, "max_request_batch_size", self.max_request_batch_size,
+               "1..1024")
+        _check(1 <= self.preprocessing_instances <= 64, "preprocessing_instances", self.preprocessing_instances,
+               "1..64")
+        _check(1 <= self.postprocessing_instances <= 64, "postprocessing_instances", self.postprocessing_instances,
+               "1..64")
+        if self.engine.kind == "onnxruntime":
+            _check(self.onnx_dir is not None and (Path(self.onnx_dir) / "model.onnx").is_file(), "onnx_dir",
+                   self.onnx_dir, "a folder holding model.onnx (run `tritonllm build`)")
+        else:
+            _check(bool(self.trtllm_engine_dir), "trtllm_engine_dir", self.trtllm_engine_dir,
+                   "the engine folder as seen inside the serving container")
+        _check((Path(self.tokenizer_dir) / "tokenizer.json").is_file(), "tokenizer_dir", self.tokenizer_dir,
+               "a Hugging Face folder holding tokenizer.json")
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise SettingsError(f"{name} = {value!r} is not allowed; allowed: {allowed}")
+
+
+# --- model parameters ------------------------------------------------------------------------------------------------
+
+# EngineSettings fields the ONNX Runtime engine reads from its parameters.
+ENGINE_PARAMETERS: tuple[str, ...] = (
+    "precision", "max_batch_size", "max_queue_size", "kv_cache_max_tokens", "max_context_length",
+    "prefill_chunk_tokens", "prefill_group_ratio", "intra_op_threads")
+CACHE_PARAMETERS: tuple[str, ...] = tuple(f.name for f in fields(CacheSettings))
+# Parameter of the front model naming the model it sends cache misses to.
+CALLED_MODEL_PARAMETER = "ensemble_model_name"
+# Path parameters (relative to the version folder) -> a file the path must hold ("" : the path itself is the file or
+# folder that must exist).
+PATH_PARAMETERS: dict[str, str] = {"tokenizer_path": "tokenizer.json", "onnx_path": "", "embedder_path": ""}
+# Written by the ONNX export next to model.onnx: {"precision": ..., ...}; the engine checks its `precision`
+# parameter against it at load.
+DECODER_METADATA_FILE = "decoder.json"
+
+SettingsT = TypeVar("SettingsT", EngineSettings, CacheSettings)
+
+
+def encode_parameter(value: object) -> str:
+    """The string a typed setting is stored as in a model config `parameters` entry."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (int, str, Path)):
+        return str(value)
+    raise TypeError(f"cannot encode a {type(value).__name__} as a model parameter; "
+                    "allowed: bool, int, float, str, Path")
+
+
+def read_parameters(config: Any) -> dict[str, str]:
+    """Parameters of a model config as plain strings.
+
+    `config` is a `model_config_pb2.ModelConfig` or the JSON dict the Python backend hands to `initialize`
+    (``json.loads(args["model_config"])``).
+    """
+    if isinstance(config, Mapping):
+        return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+@functools.cache
+def _field_types(settings_type: type) -> dict[str, Any]:
+    return typing.get_type_hints(settings_type)
+
+
+def decode_setting(settings_type: type, name: str, text: str) -> object:
+    """One parameter string decoded to the type of `settings_type.<name>`; bad text raises SettingsError."""
+    field_type = _field_types(settings_type)[name]
+    if field_type is bool:
+        if text not in ("true", "false"):
+            raise SettingsError(f"{name} = {text!r} is not allowed; allowed: true or false")
+        return text == "true"
+    if field_type in (int, float):
+        try:
+            return field_type(text)
+        except ValueError:
+            kind = "an integer" if field_type is int else "a number"
+            raise SettingsError(f"{name} = {text!r} is not allowed; allowed: {kind}") from None
+    return text  # str and Literal[...] of str; validate() checks Literal membership
+
+
+def settings_from_parameters(settings_type: type[SettingsT], parameters: Mapping[str, str],
+                             **fixed: object) -> SettingsT:
+    """`EngineSettings` / `CacheSettings` from model parameters (missing keys keep their defaults), validated.
+
+    `fixed` sets fields that are not parameters (e.g. ``kind="onnxruntime"``).
+    """
+    names = {f.name for f in fields(settings_type)}
+    values = {key: decode_setting(settings_type, key, text) for key, text in parameters.items() if key in names}
+    settings = settings_type(**{**values, **fixed})
+    settings.validate()
+    return settings
+
+
+def check_decoder_precision(onnx_path: Path, precision: str) -> None:
+    """Refuse an engine whose `precision` parameter differs from the precision its ONNX decoder was exported in
+    (DECODER_METADATA_FILE next to model.onnx), so the configuration never claims a precision it does not serve.
+    A decoder without that file (not exported by tritonllm) is not checked."""
+    import json
+
+    folder = Path(onnx_path) if Path(onnx_path).is_dir() else Path(onnx_path).parent
+    metadata = folder / DECODER_METADATA_FILE
+    if not metadata.is_file():
+        return
+    exported = json.loads(metadata.read_text(encoding="utf-8")).get("precision")
+    if exported is not None and exported != precision:
+        raise SettingsError(f"engine.precision = {precision!r} is not allowed; allowed: {exported!r}, the precision "
+                            f"{metadata} says the decoder was exported in")
+
+
+def required_parameter(parameters: Mapping[str, str], name: str, model: str) -> str:
+    """A parameter that must be set; its absence is a configuration error naming the model and the key."""
+    value = parameters.get(name, "").strip()
+    if not value:
+        raise ValueError(f"{model} model configuration lacks the parameter {name}")
+    return value
