@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from .errors import BuildError
-from .settings import EngineSettings
+from tritonllm.contract import EngineSettings
 
 TRTLLM_BUILD = "trtllm-build"
 # The NGC Triton release whose container runs trtllm-build and serves its engines (docker/Dockerfile.trtllm pins the

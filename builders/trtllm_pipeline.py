@@ -17,7 +17,7 @@ from tritonllm.paths import cache_dir
 from .fp8 import Fp8Result, build_fp8
 from .fp8_verify import GateThresholds
 from .repository import render_repository
-from .settings import EngineSettings, RepositorySettings
+from tritonllm.contract import EngineSettings, RepositorySettings
 from .source import content_key, prepare_hf_model
 from .trtllm import build_engine
 

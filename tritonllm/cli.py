@@ -41,7 +41,7 @@ def build(
 ) -> None:
     """Build the model (and its Triton model repository)."""
     from tritonllm.builders.errors import BuildError
-    from tritonllm.builders.settings import EngineSettings, SettingsError
+    from tritonllm.contract import EngineSettings, SettingsError
 
     try:
         if engine == "onnxruntime":
