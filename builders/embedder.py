@@ -14,32 +14,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..paths import bundled_embedder
-from ..python_backends.embedding import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE, Embedder
+from tritonllm.paths import bundled_embedder
+from tritonllm.python_backends.embedding import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE, Embedder
 from .errors import BuildError
+from .files import atomic_dir
 
 MIN_COSINE = 0.9999
 OPSET = 18
 CHECK_SENTENCES_FILE = Path(__file__).resolve().parent / "data" / "embedder_check_sentences.txt"
 
 
-def export_embedder(out_dir: Path, source_dir: Path | None = None) -> Path:
+def export_embedder(out_dir: Path, source_dir: Path | None = None, replace: bool = True) -> Path:
     """Write the checked ONNX embedder of `source_dir` (default: the bundled MiniLM) to `out_dir`; returns it.
 
-    `out_dir` is assembled under a temporary name and renamed at the end, so it never exists half-written.
+    `out_dir` is assembled under a temporary name and renamed at the end, so it never exists half-written; an
+    existing `out_dir` is replaced, or kept with `replace=False` (see `files.atomic_dir`).
     """
     source_dir = Path(source_dir) if source_dir is not None else bundled_embedder()
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as work:
-        work_dir = Path(work) / "embedder"
-        work_dir.mkdir()
+    with atomic_dir(out_dir, replace=replace) as work_dir:
         max_seq_length, dimension = _export_onnx(source_dir, work_dir)
         _write_tokenizer(source_dir, work_dir, max_seq_length)
         metadata = {"source": str(source_dir), "dimension": dimension, "max_seq_length": max_seq_length,
@@ -48,9 +45,6 @@ def export_embedder(out_dir: Path, source_dir: Path | None = None) -> Path:
         (work_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         metadata["check"] = check_against_sentence_transformers(source_dir, work_dir)
         (work_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work_dir.rename(out_dir)
     return out_dir
 
 

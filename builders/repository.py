@@ -7,10 +7,8 @@ the previous repository or a complete new one.
 
 from __future__ import annotations
 
-import os
 import shutil
 import string
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
@@ -19,10 +17,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonllm.paths import TEMPLATES_DIR
 
+from .files import atomic_dir, link_or_copy, link_tree
 from .lint import CONFIG_FILE, Finding, format_findings, lint_model_configs, lint_repository, parse_config_text
 from .model_config import (EMBEDDER_FOLDER, ENGINE, ENSEMBLE, LLM, ONNX_FOLDER, POSTPROCESSING, PREPROCESSING,
                            TENSORRT_LLM, TOKENIZER_FOLDER, VERSION, engine_model_name, template_values)
-from .settings import RepositorySettings, SettingsError
+from tritonllm.contract import RepositorySettings, SettingsError
 
 TEMPLATE_FILE = "config.pbtxt.template"
 # Files of a Hugging Face folder the tokenizer models need (the folder also holds the weights, which they do not).
@@ -66,16 +65,10 @@ def render_repository(settings: RepositorySettings, out_dir: Path, templates_dir
                            + text_format.MessageToString(configs[ENSEMBLE], as_utf8=True))
     _raise_on_errors(lint_model_configs(configs), "the rendered configs")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as staging:  # a repository already there is replaced only by a whole new one
         for model, text in texts.items():
             _write_model(staging / model, text, templates_dir / model, _artifacts(model, settings))
         _raise_on_errors(lint_repository(staging), "the assembled repository")
-        _replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -147,17 +140,9 @@ def _write_model(folder: Path, config_text: str, template_folder: Path,
             destination = version / target
             destination.mkdir()
             for file in sorted({path for pattern in patterns for path in source.glob(pattern) if path.is_file()}):
-                _link_or_copy(file, destination / file.name)
+                link_or_copy(file, destination / file.name)
         else:
-            shutil.copytree(source, version / target, copy_function=_link_or_copy)
-
-
-def _link_or_copy(source: str | Path, destination: str | Path) -> None:
-    """Hard link (no extra disk for multi-GB weights) when on the same filesystem, else copy."""
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
+            link_tree(source, version / target)
 
 
 def _check_replaceable(out_dir: Path) -> None:
@@ -169,17 +154,3 @@ def _check_replaceable(out_dir: Path) -> None:
         raise FileExistsError(f"{out_dir} exists and is not a model repository (only folders holding config.pbtxt); "
                               "allowed: a new or empty folder, or a repository rendered before")
 
-
-def _replace(staging: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        staging.rename(out_dir)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-    out_dir.rename(retired / out_dir.name)
-    try:
-        staging.rename(out_dir)
-    except OSError:
-        (retired / out_dir.name).rename(out_dir)  # put the previous repository back
-        raise
-    finally:
-        shutil.rmtree(retired, ignore_errors=True)

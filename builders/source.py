@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import BuildError
+from .files import atomic_dir
 
 # Decoder-only families whose attention takes a plain (non-sliding, non-hybrid) KV cache; each passes the export
 # parity test with a tiny random model (tests/test_builders_onnx.py).
@@ -115,23 +114,13 @@ def _convert_gguf(gguf: Path, cache_root: Path, progress: ProgressNote) -> Path:
     target = cache_root / f"hf-{content_key(gguf)[:16]}-v{CONVERSION_VERSION}"
     if target.is_dir():  # written under a temporary name and renamed: present means complete
         return target
-    cache_root.mkdir(parents=True, exist_ok=True)
     progress(f"converting {gguf.name} to a Hugging Face folder")
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_root))
-    work.chmod(0o755)  # mkdtemp makes it private; the folder is shared with the server and other users
-    try:
+    with atomic_dir(target, replace=False) as work:  # another build that converted the same file first wins
         _gguf_to_hf(gguf, work)
         try:
             check_special_tokens(work)
         except BuildError as error:
             raise BuildError(f"converting {gguf}: {error}") from error
-        try:
-            work.rename(target)
-        except OSError:
-            if not target.is_dir():  # not another build that converted the same file meanwhile
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return target
 
 
