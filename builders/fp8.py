@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -26,7 +23,11 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from tritonllm.prompts import PromptFileError, read_prompts
+from tritonllm.python_backends.chat import encode_user_turn
+
 from .errors import BuildError
+from .files import atomic_dir
 from .fp8_verify import (CHECKPOINT_WEIGHTS, CheckpointModel, GateReport, GateThresholds,
                          checkpoint_tensor_problems, read_checkpoint_config, run_gate, score_sequences)
 
@@ -55,36 +56,12 @@ class Fp8Result:
 
 
 def load_prompts(path: Path, count: int | None = None) -> list[tuple[str, str]]:
-    """(kind, text) pairs from a JSONL file, one object per line with a non-empty "prompt" (a user turn, rendered with
-    the chat template) or "text" (used verbatim) string; the first `count` of them, which must exist."""
-    path = Path(path)
-    if not path.is_file():
-        raise BuildError(f"prompt file {path} does not exist; give a JSONL file with one "
-                         f'{{"prompt": "..."}} or {{"text": "..."}} object per line')
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BuildError(f"{path}:{number} is not JSON ({error.msg}); the file must be JSONL: one "
-                                 f'{{"prompt": "..."}} or {{"text": "..."}} object per line') from None
-            kind = next((k for k in ("prompt", "text") if isinstance(record, dict) and k in record), None)
-            if kind is None or not isinstance(record[kind], str) or not record[kind].strip():
-                raise BuildError(f'{path}:{number} has no non-empty "prompt" or "text" string field')
-            records.append((kind, record[kind]))
-    if not records:
-        raise BuildError(f"prompt file {path} holds no prompts")
-    if count is not None:
-        if count < 1:
-            raise BuildError(f"calibration size {count} is not allowed; allowed: >= 1")
-        if len(records) < count:
-            raise BuildError(f"prompt file {path} holds {len(records)} prompts, fewer than the {count} asked for; "
-                             f"add prompts or lower the calibration size")
-        records = records[:count]
-    return records
+    """(kind, text) pairs of a prompt file (`tritonllm.prompts`: JSONL with "prompt" or "text" fields); the first
+    `count` of them, which must exist. A bad file raises BuildError saying why."""
+    try:
+        return read_prompts(path, count)
+    except PromptFileError as error:
+        raise BuildError(str(error)) from None
 
 
 def tokenize_prompts(tokenizer, prompts: list[tuple[str, str]]) -> list[torch.Tensor]:
@@ -92,10 +69,8 @@ def tokenize_prompts(tokenizer, prompts: list[tuple[str, str]]) -> list[torch.Te
     MAX_SEQUENCE_TOKENS; sequences under 2 tokens are dropped (nothing to predict)."""
     sequences = []
     for kind, text in prompts:
-        if kind == "prompt" and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True)
-        else:
+        ids = encode_user_turn(tokenizer, text) if kind == "prompt" else None
+        if ids is None:
             ids = tokenizer(text)["input_ids"]
         if len(ids) >= 2:
             sequences.append(torch.tensor(ids[:MAX_SEQUENCE_TOKENS], dtype=torch.long))
@@ -228,9 +203,7 @@ def build_fp8(hf_dir: Path, out_dir: Path, calib_file: Path | None, calib_size: 
     calibration_ids = tokenize_prompts(tokenizer, calibration)
     heldout_ids = tokenize_prompts(tokenizer, heldout)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as staging:  # an earlier build in out_dir is replaced only by a whole new one
         checkpoint_dir, hf_fp8_dir = staging / CHECKPOINT_DIR, staging / HF_FP8_DIR
         started = time.perf_counter()
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -268,9 +241,6 @@ def build_fp8(hf_dir: Path, out_dir: Path, calib_file: Path | None, calib_size: 
                              f"published to {out_dir}. Report: {rejected}. Try production-like calibration prompts "
                              f"(--calib), leave the KV cache unquantized, or keep this model in bf16.")
         report.write_json(staging / REPORT_FILE)
-        _publish(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return Fp8Result(out_dir=out_dir, checkpoint_dir=out_dir / CHECKPOINT_DIR, hf_fp8_dir=out_dir / HF_FP8_DIR,
                      report_path=out_dir / REPORT_FILE, report=report)
 
@@ -287,14 +257,3 @@ def _modelopt_output(log_file: Path) -> Iterator[None]:
             lines = [captured.getvalue()] + [f"{w.category.__name__}: {w.message}" for w in caught]
             log_file.write_text("\n".join(lines) + "\n")
 
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Make the staged build `out_dir`, replacing an earlier one only after the new one is complete."""
-    staging.chmod(0o755)  # mkdtemp makes it private
-    previous = None
-    if out_dir.exists():
-        previous = out_dir.with_name(f".{out_dir.name}.previous-{os.getpid()}")
-        out_dir.rename(previous)
-    staging.rename(out_dir)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)

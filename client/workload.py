@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from tritonllm.prompts import read_prompts
 
 SENTENCES_FILE = Path(__file__).resolve().parent / "data" / "sentences.txt"
 
 
 def load_prompt_file(path: Path) -> list[str]:
-    """One prompt per line (plain text) or JSONL with a 'prompt' or 'text' field."""
-    prompts = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("prompt", record.get("text")), str):
-                raise ValueError(f"{path}:{number}: each JSONL line needs a string field 'prompt' or 'text'")
-            prompts.append(record.get("prompt", record.get("text")))
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise ValueError(f"{path} holds no prompt")
-    return prompts
+    """The prompt texts of a prompt file (`tritonllm.prompts`: one per line, or JSONL with a 'prompt' or 'text'
+    field); raises PromptFileError (a ValueError) naming the file and line."""
+    return [prompt.text for prompt in read_prompts(path)]
 
 
 def synthetic_prompts(tokenizer, count: int, min_tokens: int, max_tokens: int, seed: int = 0) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
+from tritonllm.python_backends.chat import encode_user_turn
 from tritonllm.python_backends.errors import InvalidArgument
 
 
@@ -117,10 +118,10 @@ class Preprocessor:
     def _encode_prompt(self, text: str, apply_chat_template: bool) -> list[int]:
         if not apply_chat_template:
             return self.tokenizer.encode(text, add_special_tokens=True)
-        if not self.tokenizer.chat_template:
+        ids = encode_user_turn(self.tokenizer, text)
+        if ids is None:
             raise InvalidArgument("apply_chat_template is true but this model's tokenizer has no chat template")
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        return ids
 
     def _encode_words(self, words: list[bytes] | None, name: str) -> list[list[int]]:
         """Each word alone, without special tokens; empty words are skipped (they are padding of a batch)."""
