@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -89,6 +90,15 @@ class LLMClient:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
         self.url, self.protocol, self.model, self.timeout = url, protocol, model, timeout
+
+    def reachable(self, timeout: float = 3.0) -> bool:
+        """Whether a TCP connection to the server's host:port opens (tells "cannot reach" from other failures)."""
+        host, _, port = self.url.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+                return True
+        except (OSError, ValueError):
+            return False
 
     def generate(self, prompt: str | bytes, params: GenerationParams | None = None) -> str:
         """The whole answer, asked for with `stream=false` (one response from the engine)."""

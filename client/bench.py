@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -156,3 +157,83 @@ def speedups(results: list[LevelResult], ours: str) -> dict[str, dict[int, float
             ratios.setdefault(system, {})[concurrency] = by_key[(ours, concurrency)] / tps
     return ratios
 
+
+
+class BenchError(RuntimeError):
+    """A system under test failed its warm-up request; nothing was measured."""
+
+
+def _hf_sequential(hf_dir: str, threads: int | None) -> Backend:
+    from tritonllm.client.peers import HFSequential
+
+    return HFSequential(hf_dir, threads)
+
+
+def _hf_static(hf_dir: str, threads: int | None) -> Backend:
+    from tritonllm.client.peers import HFStaticBatching
+
+    return HFStaticBatching(hf_dir, threads=threads)
+
+
+# Peers `tritonllm bench --peers` may name -> constructor(hf_dir, threads) of a Backend (client/peers.py).
+PEERS: dict[str, Callable[[str, int | None], Backend]] = {"hf-sequential": _hf_sequential, "hf-static": _hf_static}
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    results: list[LevelResult]
+    meta: dict
+    json_path: Path
+    png_path: Path
+
+
+def run(url: str | None = None, precision: str = "fp32", requests: int = 64, prompt_file: Path | None = None,
+        min_prompt_tokens: int = 100, max_prompt_tokens: int = 200, output_tokens: int = 64,
+        concurrency: Sequence[int] = (1, 8, 16), peers: Sequence[str] = ("hf-sequential", "hf-static"),
+        peer_requests: int = 16, out: Path = Path("bench-results"), console: Any = None) -> BenchRun:
+    """`tritonllm bench`: the deployment (at `url`, or the bundled build served here) and each peer get the same
+    prompts at each concurrency level; writes bench.json and bench.png to `out`. Raises BenchError when a system
+    fails its warm-up request, ValueError for out-of-range arguments."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from tritonllm.client.deployment import bundled_build, served, status
+    from tritonllm.client.peers import TritonStream
+    from tritonllm.client.workload import load_prompt_file, synthetic_prompts
+
+    levels = list(concurrency)
+    if not levels or min(levels) < 1:
+        raise ValueError(f"concurrency = {levels} is not allowed; allowed: levels >= 1")
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        raise ValueError(f"peers = {unknown} is not allowed; allowed: {', '.join(PEERS)}")
+    built = bundled_build(precision, console)
+    tokenizer = AutoTokenizer.from_pretrained(built.hf_dir)
+    prompts = load_prompt_file(prompt_file) if prompt_file else synthetic_prompts(
+        tokenizer, requests, min_prompt_tokens, max_prompt_tokens)
+    prompts = (prompts * (requests // len(prompts) + 1))[:requests]
+    results: list[LevelResult] = []
+    with served(url, built.repository_dir, console) as grpc_url:
+        systems: list[tuple[Backend, list[str]]] = [(TritonStream(grpc_url, name=f"tritonllm-onnx-{precision}"),
+                                                     prompts)]
+        for name in peers:
+            with status(console, f"loading {name} ..."):
+                systems.append((PEERS[name](str(built.hf_dir), os.cpu_count()), prompts[:peer_requests]))
+        for system, system_prompts in systems:
+            error = first_error(system, system_prompts[0], 4)
+            if error:
+                raise BenchError(f"{system.name} failed a warm-up request: {error}")
+            for level in levels:
+                with status(console, f"{system.name}: {len(system_prompts)} requests at concurrency {level} ..."):
+                    results.append(run_level(system, system_prompts, output_tokens, level))
+                if console is not None:
+                    console.print(results_table(results[-1:]))
+    ours = systems[0][0].name
+    meta = {"title": f"SmolLM2-135M, {requests} requests, prompts {min_prompt_tokens}-{max_prompt_tokens} tokens, "
+                     f"{output_tokens} new tokens, greedy, {os.cpu_count()} CPU cores",
+            "output_tokens": output_tokens, "concurrency": levels, "peer_requests": peer_requests,
+            "prompt_tokens": [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]}
+    meta["speedups"] = speedups(results, ours)
+    json_path, png_path = save_results(results, meta, out)
+    return BenchRun(results, meta, json_path, png_path)

@@ -26,8 +26,10 @@ import sys
 import sysconfig
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from tritonllm.client.bench import percentiles
 from tritonllm.paths import cache_dir
@@ -235,3 +237,66 @@ def scrape_metrics(metrics_url: str, timeout: float = 10.0) -> list[MetricSample
         url = url.rstrip("/") + "/metrics"
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return parse_metrics(response.read().decode())
+
+
+TOOLS = ("perf_analyzer", "genai-perf")
+
+
+@dataclass(frozen=True)
+class PerfRun:
+    results: list
+    meta: dict
+    json_path: Path
+
+
+def run(url: str | None = None, tool: str = "perf_analyzer", models: Sequence[str] = PERF_MODELS,
+        concurrency: Sequence[int] = (1, 8), requests: int = 32, prompt_file: Path | None = None,
+        min_prompt_tokens: int = 100, max_prompt_tokens: int = 200, output_tokens: int = 64,
+        llm_cache: str = "bypass", tokenizer: Path | None = None, precision: str = "fp32",
+        out: Path = Path("perf-results"), console: Any = None) -> PerfRun:
+    """`tritonllm perf`: each model at each concurrency level with NVIDIA's tool, against `url` or the bundled build
+    served here; writes the tool's outputs and perf.json to `out`. Raises PerfAnalyzerError / GenaiPerfError when
+    the tool fails, ValueError for arguments out of range."""
+    from tritonllm.client.deployment import bundled_build, served, status
+    from tritonllm.client.genai_perf import run_genai_perf
+    from tritonllm.client.workload import load_prompt_file, synthetic_prompts
+
+    levels = list(concurrency)
+    if tool not in TOOLS:
+        raise ValueError(f"tool = {tool!r} is not allowed; allowed: {', '.join(TOOLS)}")
+    if not models or set(models) - set(PERF_MODELS):
+        raise ValueError(f"models = {list(models)} is not allowed; allowed: {', '.join(PERF_MODELS)}")
+    if not levels or min(levels) < 1 or requests < max(levels):
+        raise ValueError(f"concurrency = {levels} is not allowed; allowed: levels >= 1 and at most requests "
+                         f"({requests})")
+    if llm_cache not in LLM_CACHE_MODES:
+        raise ValueError(f"llm_cache = {llm_cache!r} is not allowed; allowed: {', '.join(LLM_CACHE_MODES)}")
+    built = bundled_build(precision, console) if url is None or tokenizer is None else None
+    tokenizer = tokenizer or built.hf_dir
+    if prompt_file is not None:
+        prompts = load_prompt_file(prompt_file)
+    else:
+        from transformers import AutoTokenizer
+
+        prompts = synthetic_prompts(AutoTokenizer.from_pretrained(tokenizer), requests, min_prompt_tokens,
+                                    max_prompt_tokens)
+    results: list = []
+    with served(url, built.repository_dir if built else None, console) as grpc_url:
+        for model in models:
+            cache = llm_cache if model == "llm" else None
+            input_data = out / f"input_data_{model}.json"
+            if tool == "perf_analyzer":
+                write_input_data(prompts, input_data, output_tokens, llm_cache=cache)
+            for level in levels:
+                with status(console, f"{tool}: {model}, {requests} requests at concurrency {level} ..."):
+                    if tool == "genai-perf":
+                        results += run_genai_perf(grpc_url, model, tokenizer, prompts, [level], requests,
+                                                  output_tokens, out, extra_inputs={"cache": cache} if cache else None)
+                    else:
+                        results += run_perf_analyzer(grpc_url, model, input_data, [level], out, requests)
+                if console is not None:
+                    console.print(perf_table(results[-1:], tool))
+    meta = {"tool": tool, "url": url or grpc_url, "requests": requests, "output_tokens": output_tokens,
+            "concurrency": levels, "llm_cache": llm_cache,
+            "prompts": str(prompt_file) if prompt_file else f"synthetic {min_prompt_tokens}-{max_prompt_tokens} tokens"}
+    return PerfRun(results, meta, save_perf_results(results, meta, out / "perf.json"))

@@ -63,5 +63,31 @@ def test_generate_command_reports_an_unreachable_server():
 
 def test_build_command_rejects_unknown_engine():
     done = run_cli("build", "--engine", "vllm")
-    assert done.returncode == 1
+    assert done.returncode == 2  # a usage error (issue 9: every user error exits with 2)
     assert "onnxruntime, trtllm" in done.stderr
+
+
+@pytest.mark.parametrize("args, names", [
+    (("serve", "--precision", "bf16"), ("--precision", "'bf16'", "fp32, int8")),
+    (("build", "--precision", "fp16"), ("--precision", "'fp16'", "fp32, int8")),
+    (("build", "--engine", "trtllm"), ("--quant", "fp8")),
+    (("build", "--quant", "fp8"), ("--quant", "--engine onnxruntime")),
+    (("generate", "hi", "--protocol", "udp"), ("--protocol", "'udp'", "grpc, http")),
+    (("generate", "hi", "--model", "gpt"), ("--model", "'gpt'", "ensemble, llm")),
+    (("bench", "--peers", "vllm"), ("--peers", "'vllm'", "hf-sequential, hf-static, none")),
+    (("bench", "--concurrency", "0,8"), ("--concurrency", "'0,8'", ">= 1")),
+    (("perf", "--tool", "locust"), ("--tool", "'locust'", "perf_analyzer, genai-perf")),
+    (("perf", "--models", "ensemble,gpt"), ("--models", "ensemble, llm")),
+    (("perf", "--concurrency", "64", "--requests", "8"), ("--concurrency", "--requests (8)")),
+    (("perf", "--llm-cache", "refresh"), ("--llm-cache", "'refresh'", "bypass, use")),
+    (("build", "--max-batch-size", "many"), ("--max-batch-size", "'many'", "integer")),
+    (("lint",), ("repository",)),
+    (("build", "--bogus"), ("--bogus",)),
+])
+def test_user_errors_are_one_line_naming_the_option_and_exit_2(args, names):
+    done = run_cli(*args, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: ")
+    for name in names:
+        assert name in done.stderr

@@ -1,12 +1,21 @@
-"""The `tritonllm` command: build, serve, demo, generate, lint (and bench/perf for measurements)."""
+"""The `tritonllm` command: build, serve, demo, generate, lint (and bench/perf for measurements).
+
+Each command parses its options into typed values and calls one library function; what it does lives there
+(`builders.pipeline.build`, `builders.trtllm_pipeline.build_trtllm`, `client.bench.run`, `client.perf.run`, ...).
+A user error (a bad option value, an unknown option) prints one line naming the option and what is allowed and
+exits with 2; a failure of the work itself prints one line and exits with 1.
+"""
 
 from __future__ import annotations
 
+import enum
+import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -16,21 +25,92 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 
 DEFAULT_PROMPT = "Explain in two sentences what an inference server does."
+USAGE_ERROR = 2  # a bad option: nothing ran
+FAILED = 1  # the work failed
 
 
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+class Engine(str, enum.Enum):
+    onnxruntime = "onnxruntime"
+    trtllm = "trtllm"
+
+
+class Precision(str, enum.Enum):
+    """Precisions the ONNX Runtime engine serves (bf16 is refused by the export: no CPU kernels)."""
+
+    fp32 = "fp32"
+    int8 = "int8"
+
+
+class Quant(str, enum.Enum):
+    fp8 = "fp8"
+
+
+class KvCacheDtype(str, enum.Enum):
+    fp8 = "fp8"
+
+
+class Protocol(str, enum.Enum):
+    grpc = "grpc"
+    http = "http"
+
+
+class Model(str, enum.Enum):
+    ensemble = "ensemble"
+    llm = "llm"
+
+
+class Tool(str, enum.Enum):
+    perf_analyzer = "perf_analyzer"
+    genai_perf = "genai-perf"
+
+
+class LlmCache(str, enum.Enum):
+    bypass = "bypass"
+    use = "use"
+
+
+def _fail(message: str, code: int = FAILED) -> NoReturn:
+    """One line on stderr (a multi-line message is joined) and exit `code`."""
+    line = "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _usage_error(option: str, value: object, allowed: str) -> NoReturn:
+    _fail(f"{option} {value!r} is not allowed; allowed: {allowed}", USAGE_ERROR)
+
+
+def _comma_list(allowed: tuple[str, ...] | None = None, cast: Callable[[str], object] = str,
+                allowed_text: str = "") -> Callable[[str], list]:
+    """Parser of a comma-separated option whose items are `allowed` names (or `cast` values)."""
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        try:
+            values = [cast(item) for item in items]
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is not allowed; allowed: {allowed_text}") from None
+        if not values or (allowed is not None and set(items) - set(allowed)):
+            raise typer.BadParameter(f"{text!r} is not allowed; allowed: {allowed_text or ', '.join(allowed)}")
+        return values
+
+    return parse
+
+
+def _levels(text: str) -> list[int]:
+    levels = _comma_list(cast=int, allowed_text="comma-separated integers >= 1, e.g. 1,8,16")(text)
+    if min(levels) < 1:
+        raise typer.BadParameter(f"{text!r} is not allowed; allowed: comma-separated integers >= 1, e.g. 1,8,16")
+    return levels
 
 
 @app.command()
 def build(
     model: Optional[str] = typer.Option(None, help="HF folder or .gguf file; default: the bundled SmolLM2-135M"),
     out: Optional[Path] = typer.Option(None, help="output folder; default: a content-keyed folder in the cache"),
-    precision: str = typer.Option("fp32", help="ONNX engine precision: fp32, int8 or bf16"),
-    engine: str = typer.Option("onnxruntime", help="onnxruntime (any machine) or trtllm (NVIDIA GPU)"),
-    quant: Optional[str] = typer.Option(None, help="with --engine trtllm: fp8"),
-    kv_cache_dtype: Optional[str] = typer.Option(None, help="with --quant fp8: fp8 quantizes the KV cache too"),
+    precision: Precision = typer.Option(Precision.fp32, help="ONNX engine precision"),
+    engine: Engine = typer.Option(Engine.onnxruntime, help="onnxruntime (any machine) or trtllm (NVIDIA GPU)"),
+    quant: Optional[Quant] = typer.Option(None, help="with --engine trtllm: fp8"),
+    kv_cache_dtype: Optional[KvCacheDtype] = typer.Option(None, help="with --quant fp8: fp8 quantizes the KV cache"),
     calib: Optional[Path] = typer.Option(None, help="calibration prompts (JSONL with a 'prompt' or 'text' field)"),
     calib_size: int = typer.Option(128, help="calibration prompts to use"),
     max_batch_size: int = typer.Option(16, help="sequences decoded together per engine step"),
@@ -43,31 +123,27 @@ def build(
     from tritonllm.builders.errors import BuildError
     from tritonllm.contract import EngineSettings, SettingsError
 
+    if engine is Engine.onnxruntime and quant is not None:
+        _usage_error("--quant", quant.value, "nothing with --engine onnxruntime (it takes --precision fp32|int8)")
+    if engine is Engine.trtllm and quant is not Quant.fp8:
+        _fail("--quant is required with --engine trtllm; allowed: fp8 (the only TensorRT-LLM quantization this "
+              "project gates)", USAGE_ERROR)
     try:
-        if engine == "onnxruntime":
-            if quant:
-                _fail("--quant applies to --engine trtllm; the ONNX engine takes --precision fp32|int8|bf16")
+        if engine is Engine.onnxruntime:
             from tritonllm.builders.pipeline import build as build_onnx
 
-            result = build_onnx(model=model, out_dir=out, precision=precision, console=console,
-                                engine=EngineSettings(precision=precision, max_batch_size=max_batch_size,
+            result = build_onnx(model=model, out_dir=out, precision=precision.value, console=console,
+                                engine=EngineSettings(precision=precision.value, max_batch_size=max_batch_size,
                                                       kv_cache_max_tokens=kv_cache_max_tokens))
-            console.print(f"[green]repository:[/] {result.repository_dir}")
-            print(result.repository_dir)
-        elif engine == "trtllm":
-            from tritonllm.builders.trtllm_pipeline import build_trtllm
-
-            if quant != "fp8":
-                _fail("--engine trtllm needs --quant fp8 (the only TensorRT-LLM quantization this project gates)")
-            if kv_cache_dtype not in (None, "fp8"):
-                _fail(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported; allowed: fp8 (or leave it out)")
+        else:
             from tritonllm.builders.fp8_verify import GateThresholds
             from tritonllm.builders.trtllm import TensorRTLLMUnavailable
+            from tritonllm.builders.trtllm_pipeline import build_trtllm
 
             try:
                 result = build_trtllm(
                     model=model, out_dir=out, calib_file=calib, calib_size=calib_size,
-                    kv_cache_fp8=kv_cache_dtype == "fp8", served_engine_dir=served_engine_dir,
+                    kv_cache_fp8=kv_cache_dtype is KvCacheDtype.fp8, served_engine_dir=served_engine_dir,
                     gate=GateThresholds(min_top1_agreement=gate_min_agreement,
                                         max_perplexity_increase=gate_max_perplexity_increase),
                     engine=EngineSettings(kind="tensorrt_llm", max_batch_size=max_batch_size,
@@ -75,25 +151,25 @@ def build(
             except TensorRTLLMUnavailable as missing:
                 console.print(f"[yellow]stopped after the accuracy gate:[/] {missing}", markup=False)
                 raise typer.Exit(2)
-            console.print(f"[green]repository:[/] {result.repository_dir}")
-            print(result.repository_dir)
-        else:
-            _fail(f"--engine {engine!r} is not known; allowed: onnxruntime, trtllm")
-    except (BuildError, SettingsError, FileNotFoundError) as error:
+    except SettingsError as error:  # names the setting and what is allowed
+        _fail(str(error), USAGE_ERROR)
+    except (BuildError, FileNotFoundError) as error:
         _fail(str(error))
-
-
-def _default_repository(precision: str) -> Path:
-    from tritonllm.builders.pipeline import build as build_onnx
-
-    return build_onnx(model=None, precision=precision, console=console).repository_dir
+    console.print(f"[green]repository:[/] {result.repository_dir}")
+    print(result.repository_dir)
 
 
 def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port: int, metrics_port: int,
-                precision: str, demo_prompt: Optional[str]) -> None:
+                precision: Precision, demo_prompt: Optional[str]) -> None:
+    from tritonllm.builders.errors import BuildError
+    from tritonllm.client.deployment import bundled_build
     from tritonllm.server import ServerError, TritonServer
 
-    repository = repository or _default_repository(precision)
+    if repository is None:
+        try:
+            repository = bundled_build(precision.value, console).repository_dir
+        except (BuildError, FileNotFoundError) as error:
+            _fail(str(error))
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -118,7 +194,8 @@ def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port
             sys.stdout.write("\n")
         while not stop.wait(0.5):
             if not server.is_running():
-                _fail(f"tritonserver stopped unexpectedly; log: {server.log_file}\n{server.log_tail()}")
+                console.print(server.log_tail(), markup=False, highlight=False)
+                _fail(f"tritonserver stopped unexpectedly; log: {server.log_file}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -133,7 +210,7 @@ def serve(
     http_port: int = typer.Option(8000),
     grpc_port: int = typer.Option(8001),
     metrics_port: int = typer.Option(8002),
-    precision: str = typer.Option("fp32", help="precision of the default build (when --repository is not given)"),
+    precision: Precision = typer.Option(Precision.fp32, help="precision of the default build (without --repository)"),
 ) -> None:
     """Start tritonserver on a repository and serve until Ctrl-C or SIGTERM."""
     _run_server(repository, host, http_port, grpc_port, metrics_port, precision, None)
@@ -148,15 +225,15 @@ def demo(
     metrics_port: int = typer.Option(8002),
 ) -> None:
     """Main job: build the bundled model (cached), serve it, stream one chat answer, keep serving until Ctrl-C."""
-    _run_server(None, host, http_port, grpc_port, metrics_port, "fp32", prompt)
+    _run_server(None, host, http_port, grpc_port, metrics_port, Precision.fp32, prompt)
 
 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="prompt text"),
     url: Optional[str] = typer.Option(None, help="host:port; default 127.0.0.1:8001 (gRPC) or :8000 (HTTP)"),
-    protocol: str = typer.Option("grpc", help="grpc or http"),
-    model: str = typer.Option("ensemble", help="ensemble, or llm (front model with the semantic cache)"),
+    protocol: Protocol = typer.Option(Protocol.grpc),
+    model: Model = typer.Option(Model.ensemble, help="ensemble, or llm (front model with the semantic cache)"),
     stream: bool = typer.Option(True, "--stream/--no-stream"),
     max_tokens: int = typer.Option(128),
     temperature: Optional[float] = typer.Option(None),
@@ -168,9 +245,8 @@ def generate(
     """Send one prompt and print the answer (streamed as it comes with --stream)."""
     from tritonllm.client.api import GenerationError, GenerationParams, LLMClient
 
-    if protocol not in ("grpc", "http"):
-        _fail(f"--protocol {protocol!r} is not known; allowed: grpc, http")
-    client = LLMClient(url or f"127.0.0.1:{8001 if protocol == 'grpc' else 8000}", protocol, model)
+    client = LLMClient(url or f"127.0.0.1:{8001 if protocol is Protocol.grpc else 8000}", protocol.value,
+                       model.value)
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                               apply_chat_template=chat)
     try:
@@ -181,164 +257,89 @@ def generate(
             sys.stdout.write("\n")
         else:
             print(client.generate(prompt, params))
-    except GenerationError as error:
-        _fail(str(error))
-    except Exception as error:  # connection refused and the like: say where we tried
-        _fail(f"cannot reach {client.url} over {protocol}: {error}")
+    except Exception as error:
+        if not client.reachable():
+            _fail(f"cannot reach {client.url} over {protocol.value}: {error}")
+        if isinstance(error, GenerationError):
+            _fail(f"{model.value} at {client.url} ({protocol.value}) answered with an error: {error}")
+        raise  # reachable, yet not an answer of the server: a bug worth its traceback
 
 
 @app.command()
 def bench(
     url: Optional[str] = typer.Option(None, help="gRPC host:port of a running server; default: start one here"),
-    precision: str = typer.Option("fp32", help="precision of the server started here"),
-    requests: int = typer.Option(64, help="requests per concurrency level (tritonllm)"),
+    precision: Precision = typer.Option(Precision.fp32, help="precision of the server started here"),
+    requests: int = typer.Option(64, min=1, help="requests per concurrency level (tritonllm)"),
     prompt_file: Optional[Path] = typer.Option(None, help="prompts (text lines or JSONL); default: synthetic"),
-    min_prompt_tokens: int = typer.Option(100),
-    max_prompt_tokens: int = typer.Option(200),
-    output_tokens: int = typer.Option(64, help="fixed output length (min_tokens = max_tokens)"),
+    min_prompt_tokens: int = typer.Option(100, min=1),
+    max_prompt_tokens: int = typer.Option(200, min=1),
+    output_tokens: int = typer.Option(64, min=1, help="fixed output length (min_tokens = max_tokens)"),
     concurrency: str = typer.Option("1,8,16", help="comma-separated client concurrency levels"),
-    peers: str = typer.Option("hf-sequential,hf-static", help="comma-separated: hf-sequential, hf-static, none"),
-    peer_requests: int = typer.Option(16, help="requests per level for the (slow) peers"),
+    peers: str = typer.Option("hf-sequential,hf-static", help="comma-separated peers, or none"),
+    peer_requests: int = typer.Option(16, min=1, help="requests per level for the (slow) peers"),
     out: Path = typer.Option(Path("bench-results"), help="folder for bench.json and bench.png"),
 ) -> None:
     """Measure tokens/s, TTFT, ITL and latency percentiles of the deployment and of its peers, side by side."""
-    import os
+    from tritonllm.client import bench as bench_lib
+    from tritonllm.prompts import PromptFileError
 
-    from tritonllm.client.bench import first_error, results_table, run_level, save_results, speedups
-    from tritonllm.client.peers import HFSequential, HFStaticBatching, TritonStream
-    from tritonllm.client.workload import load_prompt_file, synthetic_prompts
-    from tritonllm.builders.pipeline import build as build_onnx
-    from transformers import AutoTokenizer
-
-    levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    peer_names = [p.strip() for p in peers.split(",") if p.strip() and p.strip() != "none"]
-    unknown = set(peer_names) - {"hf-sequential", "hf-static"}
-    if unknown or not levels or min(levels) < 1:
-        _fail(f"bad --peers {sorted(unknown)} or --concurrency {concurrency!r}; peers: hf-sequential, hf-static")
-    built = build_onnx(model=None, precision=precision, console=console)
-    tokenizer = AutoTokenizer.from_pretrained(built.hf_dir)
-    prompts = load_prompt_file(prompt_file) if prompt_file else synthetic_prompts(
-        tokenizer, requests, min_prompt_tokens, max_prompt_tokens)
-    prompts = (prompts * (requests // len(prompts) + 1))[:requests]
-    server = None
-    if url is None:
-        from tritonllm.server import TritonServer
-
-        server = TritonServer(built.repository_dir).start()
-        url = server.endpoints.grpc_url
-    results = []
+    levels = _parse_option("--concurrency", concurrency, _levels)
+    peer_names = [] if peers.strip() == "none" else _parse_option(
+        "--peers", peers, _comma_list(tuple(bench_lib.PEERS), allowed_text=f"{', '.join(bench_lib.PEERS)}, none"))
     try:
-        systems = [(TritonStream(url, name=f"tritonllm-onnx-{precision}"), prompts)]
-        threads = os.cpu_count()
-        for name in peer_names:
-            with console.status(f"loading {name} ..."):
-                peer = HFSequential(str(built.hf_dir), threads) if name == "hf-sequential" else \
-                    HFStaticBatching(str(built.hf_dir), threads=threads)
-            systems.append((peer, prompts[:peer_requests]))
-        for system, system_prompts in systems:
-            error = first_error(system, system_prompts[0], 4)
-            if error:
-                _fail(f"{system.name} failed a warm-up request: {error}")
-            for level in levels:
-                with console.status(f"{system.name}: {len(system_prompts)} requests at concurrency {level} ..."):
-                    results.append(run_level(system, system_prompts, output_tokens, level))
-                console.print(results_table(results[-1:]))
-    finally:
-        if server is not None:
-            server.stop()
-    meta = {"title": f"SmolLM2-135M, {requests} requests, prompts {min_prompt_tokens}-{max_prompt_tokens} tokens, "
-                     f"{output_tokens} new tokens, greedy, {os.cpu_count()} CPU cores",
-            "output_tokens": output_tokens, "concurrency": levels, "peer_requests": peer_requests,
-            "prompt_tokens": [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]}
-    meta["speedups"] = speedups(results, systems[0][0].name)
-    json_path, png_path = save_results(results, meta, out)
-    console.print(results_table(results))
-    console.print(f"speedups of {systems[0][0].name} (output tokens/s ratio): {meta['speedups']}")
-    console.print(f"wrote {json_path} and {png_path}")
+        run = bench_lib.run(url=url, precision=precision.value, requests=requests, prompt_file=prompt_file,
+                            min_prompt_tokens=min_prompt_tokens, max_prompt_tokens=max_prompt_tokens,
+                            output_tokens=output_tokens, concurrency=levels, peers=peer_names,
+                            peer_requests=peer_requests, out=out, console=console)
+    except PromptFileError as error:
+        _fail(f"--prompt-file: {error}", USAGE_ERROR)
+    except bench_lib.BenchError as error:
+        _fail(str(error))
+    console.print(bench_lib.results_table(run.results))
+    console.print(f"speedups of {run.results[0].system} (output tokens/s ratio): {run.meta['speedups']}")
+    console.print(f"wrote {run.json_path} and {run.png_path}")
 
 
 @app.command()
 def perf(
     url: Optional[str] = typer.Option(None, help="gRPC host:port of a running server; default: start one here"),
-    tool: str = typer.Option("perf_analyzer", help="perf_analyzer, or genai-perf (its own venv: "
-                                                   "`make genai-perf-setup`)"),
+    tool: Tool = typer.Option(Tool.perf_analyzer, help="perf_analyzer, or genai-perf (its own venv: "
+                                                       "`make genai-perf-setup`)"),
     models: str = typer.Option("ensemble,llm", help="comma-separated: ensemble, llm (front model)"),
     concurrency: str = typer.Option("1,8", help="comma-separated client concurrency levels"),
-    requests: int = typer.Option(32, help="requests per concurrency level"),
+    requests: int = typer.Option(32, min=1, help="requests per concurrency level"),
     prompt_file: Optional[Path] = typer.Option(None, help="prompts (text lines or JSONL); default: synthetic"),
-    min_prompt_tokens: int = typer.Option(100, help="synthetic prompts: shortest, in tokens"),
-    max_prompt_tokens: int = typer.Option(200, help="synthetic prompts: longest, in tokens"),
-    output_tokens: int = typer.Option(64, help="fixed output length (min_tokens = max_tokens)"),
-    llm_cache: str = typer.Option("bypass", help="`cache` input sent to llm: bypass (measure generation) or use"),
+    min_prompt_tokens: int = typer.Option(100, min=1, help="synthetic prompts: shortest, in tokens"),
+    max_prompt_tokens: int = typer.Option(200, min=1, help="synthetic prompts: longest, in tokens"),
+    output_tokens: int = typer.Option(64, min=1, help="fixed output length (min_tokens = max_tokens)"),
+    llm_cache: LlmCache = typer.Option(LlmCache.bypass, help="`cache` input sent to llm: bypass (measure "
+                                                             "generation) or use"),
     tokenizer: Optional[Path] = typer.Option(None, help="HF folder of the served model (synthetic prompts, "
                                                           "genai-perf's token counts); default: the bundled build's"),
-    precision: str = typer.Option("fp32", help="precision of the server started here"),
+    precision: Precision = typer.Option(Precision.fp32, help="precision of the server started here"),
     out: Path = typer.Option(Path("perf-results"), help="folder for inputs, the tool's own outputs and perf.json"),
 ) -> None:
     """Measure the ensemble and the front model with NVIDIA's tools (streaming over gRPC) at each concurrency."""
-    from tritonllm.client.genai_perf import GenaiPerfError, run_genai_perf
-    from tritonllm.client.perf import (
-        LLM_CACHE_MODES, PERF_MODELS, PerfAnalyzerError, perf_table, run_perf_analyzer, save_perf_results,
-        write_input_data,
-    )
-    from tritonllm.client.workload import load_prompt_file, synthetic_prompts
+    from tritonllm.client import perf as perf_lib
+    from tritonllm.client.genai_perf import GenaiPerfError
+    from tritonllm.prompts import PromptFileError
 
-    levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    model_names = [m.strip() for m in models.split(",") if m.strip()]
-    if tool not in ("perf_analyzer", "genai-perf"):
-        _fail(f"--tool {tool!r} is not known; allowed: perf_analyzer, genai-perf")
-    if not model_names or set(model_names) - set(PERF_MODELS):
-        _fail(f"--models {models!r} is not allowed; allowed: {', '.join(PERF_MODELS)}")
-    if not levels or min(levels) < 1 or requests < max(levels):
-        _fail(f"--concurrency {concurrency!r} needs levels >= 1 and at most --requests ({requests})")
-    if llm_cache not in LLM_CACHE_MODES:
-        _fail(f"--llm-cache {llm_cache!r} is not allowed; allowed: {', '.join(LLM_CACHE_MODES)}")
-    built = None
-    if url is None or tokenizer is None:
-        from tritonllm.builders.pipeline import build as build_onnx
-
-        built = build_onnx(model=None, precision=precision, console=console)
-    tokenizer = tokenizer or built.hf_dir
-    if prompt_file is not None:
-        prompts = load_prompt_file(prompt_file)
-    else:
-        from transformers import AutoTokenizer
-
-        prompts = synthetic_prompts(AutoTokenizer.from_pretrained(tokenizer), requests, min_prompt_tokens,
-                                    max_prompt_tokens)
-    server = None
-    if url is None:
-        from tritonllm.server import TritonServer
-
-        with console.status("starting tritonserver ..."):
-            server = TritonServer(built.repository_dir).start()
-        url = server.endpoints.grpc_url
-    results = []
+    levels = _parse_option("--concurrency", concurrency, _levels)
+    if requests < max(levels):
+        _usage_error("--concurrency", concurrency, f"levels at most --requests ({requests})")
+    model_names = _parse_option("--models", models, _comma_list(perf_lib.PERF_MODELS))
     try:
-        for model in model_names:
-            cache = llm_cache if model == "llm" else None
-            input_data = out / f"input_data_{model}.json"
-            if tool == "perf_analyzer":
-                write_input_data(prompts, input_data, output_tokens, llm_cache=cache)
-            for level in levels:
-                with console.status(f"{tool}: {model}, {requests} requests at concurrency {level} ..."):
-                    if tool == "genai-perf":
-                        results += run_genai_perf(url, model, tokenizer, prompts, [level], requests, output_tokens,
-                                                  out, extra_inputs={"cache": cache} if cache else None)
-                    else:
-                        results += run_perf_analyzer(url, model, input_data, [level], out, requests)
-                console.print(perf_table(results[-1:], tool))
-    except (PerfAnalyzerError, GenaiPerfError) as error:
+        run = perf_lib.run(url=url, tool=tool.value, models=model_names, concurrency=levels, requests=requests,
+                           prompt_file=prompt_file, min_prompt_tokens=min_prompt_tokens,
+                           max_prompt_tokens=max_prompt_tokens, output_tokens=output_tokens,
+                           llm_cache=llm_cache.value, tokenizer=tokenizer, precision=precision.value, out=out,
+                           console=console)
+    except PromptFileError as error:
+        _fail(f"--prompt-file: {error}", USAGE_ERROR)
+    except (perf_lib.PerfAnalyzerError, GenaiPerfError) as error:
         _fail(str(error))
-    finally:
-        if server is not None:
-            server.stop()
-    meta = {"tool": tool, "url": url, "requests": requests, "output_tokens": output_tokens, "concurrency": levels,
-            "prompts": str(prompt_file) if prompt_file else f"synthetic {min_prompt_tokens}-{max_prompt_tokens} tokens",
-            "llm_cache": llm_cache}
-    path = save_perf_results(results, meta, out / "perf.json")
-    console.print(perf_table(results, tool))
-    console.print(f"wrote {path} (and the tool's own outputs per level in {out})")
+    console.print(perf_lib.perf_table(run.results, tool.value))
+    console.print(f"wrote {run.json_path} (and the tool's own outputs per level in {out})")
 
 
 @app.command()
@@ -349,11 +350,55 @@ def lint(repository: Path = typer.Argument(..., help="model repository to check"
     findings = lint_repository(repository)
     if findings:
         console.print(format_findings(findings), markup=False, highlight=False)
-    errors = [f for f in findings if getattr(f, "severity", "error") == "error"]
-    if errors:
+    if any(finding.is_error for finding in findings):
         raise typer.Exit(1)
     console.print(f"[green]{repository}: no problems found[/]")
 
 
+def _parse_option(option: str, text: str, parse: Callable[[str], list]) -> list:
+    try:
+        return parse(text)
+    except typer.BadParameter as error:
+        _fail(f"{option} {error.message}", USAGE_ERROR)
+
+
+_NOT_ONE_OF = re.compile(r"^(?:Value error, )?'(?P<value>.*)' is not one of (?P<choices>.*?)\.?$")
+
+
+def usage_error_line(error: Exception) -> str:
+    """One line for a usage error of the option parser: the option, the value, and what is allowed."""
+    param = getattr(error, "param", None)
+    if param is None or not getattr(param, "opts", None) or type(error).__name__ == "MissingParameter":
+        return error.format_message()  # e.g. "No such option: --bogus", "Missing argument 'REPOSITORY'."
+    option = param.opts[0]
+    message = getattr(error, "message", str(error)).removeprefix("Value error, ")
+    choices = _NOT_ONE_OF.match(message)
+    if choices:
+        allowed = ", ".join(choice.strip().strip("'") for choice in choices["choices"].split(","))
+        return f"{option} {choices['value']!r} is not allowed; allowed: {allowed}"
+    cause = error.__cause__  # typer's pydantic ValidationError holds the value given
+    value = cause.errors()[0].get("input") if hasattr(cause, "errors") and cause.errors() else None
+    return f"{option} {value!r} is not allowed: {message}" if value is not None else f"{option} {message}"
+
+
+def main() -> None:
+    """Entry point: runs the app; usage errors become one line and exit code 2 instead of a help panel."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as done:
+        code = done.exit_code
+    except typer.Abort:
+        code = 130
+    except typer.TyperException as error:  # the option parser's errors: usage errors carry exit code 2
+        code = getattr(error, "exit_code", FAILED)
+        if type(error).__name__ == "NoArgsIsHelpError":
+            error.show()  # `tritonllm` alone: the help text
+            code = USAGE_ERROR
+        else:
+            line = usage_error_line(error) if code == USAGE_ERROR else error.format_message()
+            console.print(f"[bold red]error:[/] {line}", markup=True, highlight=False, soft_wrap=True)
+    sys.exit(code or 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()
