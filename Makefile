@@ -21,7 +21,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q -ra tests
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -ra -m "not slow" tests
+	$(VENV)/bin/python -m pytest -q -ra -m "not server and not model and not gpu" tests
 
 bench: setup
 	$(VENV)/bin/tritonllm bench

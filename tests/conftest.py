@@ -1,7 +1,17 @@
-"""Shared fixtures: the bundled SmolLM2 built once per session, and a real tritonserver serving it."""
+"""Fixtures shared by the test modules, and the markers that say what a test needs.
+
+Markers (declared in pyproject.toml; `make test-fast` runs no `server`, `model` or `gpu` test and starts no
+tritonserver):
+- `server`: starts or talks to a real tritonserver;
+- `model`: builds or loads the real bundled SmolLM2-135M (minutes on 2 cores; cached across runs);
+- `gpu`: needs an NVIDIA GPU (skipped where there is none).
+A test that uses the `server` fixture is marked `server` and `model`, one that uses `smollm2_build` is marked
+`model`, whatever its module says. Plain helpers (tiny models, artifacts) are in support.py.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +20,23 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+def pytest_collection_modifyitems(config, items) -> None:
+    gpu = None
+    for item in items:
+        if "server" in item.fixturenames:
+            item.add_marker(pytest.mark.server)
+        if "smollm2_build" in item.fixturenames:
+            item.add_marker(pytest.mark.model)
+        if item.get_closest_marker("gpu") is not None:
+            if gpu is None:
+                import torch
+
+                gpu = torch.cuda.is_available()
+            if not gpu:
+                item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))
+
+
+# --- the real model, served -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def smollm2_build():
@@ -48,3 +75,57 @@ def grpc_client(server):
     from tritonllm.client.api import LLMClient
 
     return LLMClient(server.endpoints.grpc_url, protocol="grpc")
+
+
+# --- pieces without a server ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer converted from the bundled GGUF (the tokenizer alone takes seconds), with the special
+    tokens a build writes: transformers 4.57 reads bos = eos = <|im_start|> from this GGUF, which says eos = pad =
+    <|im_end|> (id 2); generation_config.json carries the GGUF's ids, as in a converted model folder."""
+    from transformers import AutoTokenizer
+
+    from tritonllm.paths import bundled_gguf
+
+    # A fixed folder in the session's temp dir, written once per session.
+    folder = tmp_path_factory.getbasetemp() / "smollm2-tokenizer"
+    if (folder / "generation_config.json").is_file():
+        return folder
+    gguf = bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    tokenizer.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
+                                                               "pad_token_id": 2}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_tokenizer_dir):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(smollm2_tokenizer_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def embedder_dir(tmp_path_factory) -> Path:
+    """The bundled sentence embedder exported to ONNX (and checked), once per test session."""
+    from tritonllm.builders.embedder import export_embedder
+
+    return export_embedder(tmp_path_factory.getbasetemp() / "embedder")
+
+
+@pytest.fixture(scope="session")
+def embedder(embedder_dir):
+    from tritonllm.python_backends.embedding import Embedder
+
+    return Embedder(embedder_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """A tiny random Llama exported to ONNX (last-position logits only)."""
+    from support import export_tiny_llama
+
+    return export_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), last_logits_only=True)

@@ -15,7 +15,7 @@ import requests
 
 from tritonllm.client.api import GenerationError, GenerationParams, LLMClient, request_arrays
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.server, pytest.mark.model]
 
 
 def raw_grpc(server, arrays: dict[str, tuple[str, np.ndarray]], model: str = "ensemble") -> GenerationError | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_builders_onnx import save_tiny_model
+from support import save_tiny_model
 from tritonllm.builders import pipeline
 from tritonllm.builders.errors import BuildError
 from tritonllm.builders.pipeline import build
@@ -128,7 +128,7 @@ def test_progress_shows_one_line_per_step(tiny_dir, cache_root):
         assert step in text
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_smollm2_build_passes_its_gate_and_serves_the_fixed_tokenizer(smollm2_build):
     from transformers import AutoTokenizer
 
@@ -139,7 +139,7 @@ def test_smollm2_build_passes_its_gate_and_serves_the_fixed_tokenizer(smollm2_bu
     assert (smollm2_build.repository_dir / "llm" / "1" / "embedder").is_dir()  # the semantic cache's embedder
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_smollm2_int8_build_agrees_with_fp32(smollm2_build):
     result = build(model=None, precision="int8")
     gate = json.loads((result.out_dir / "parity.json").read_text())

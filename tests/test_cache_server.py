@@ -14,26 +14,27 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_embedding import embedder_dir  # noqa: F401  (session fixture: one export per session)
-from test_engine_batching import _export_tiny_llama
+from support import export_tiny_llama
 
 from tritonllm.builders import repository
 from tritonllm.contract import CacheSettings, EngineSettings, RepositorySettings
 from tritonllm.client.api import GenerationError, GenerationParams, LLMClient
 from tritonllm.server import TritonServer
 
+pytestmark = pytest.mark.server  # a tritonserver on a tiny random model: no SmolLM2 build
+
 PROMPT = "How do I reset my password?"
 PARAMS = GenerationParams(max_tokens=8, apply_chat_template=True)
 
 
 @pytest.fixture(scope="module")
-def cache_repository(tmp_path_factory, embedder_dir) -> Path:  # noqa: F811
+def cache_repository(tmp_path_factory, embedder_dir) -> Path:
     from tritonllm.builders.source import prepare_hf_model
     from tritonllm.paths import cache_dir
 
     root = tmp_path_factory.mktemp("cache-server")
     settings = RepositorySettings(
-        tokenizer_dir=prepare_hf_model(None, cache_dir()), onnx_dir=_export_tiny_llama(root / "tiny", True),
+        tokenizer_dir=prepare_hf_model(None, cache_dir()), onnx_dir=export_tiny_llama(root / "tiny", True),
         embedder_dir=embedder_dir,
         engine=EngineSettings(max_batch_size=8, max_context_length=512, kv_cache_max_tokens=8192, intra_op_threads=1),
         cache=CacheSettings(similarity_threshold=0.9, snapshot_interval_seconds=3600.0))

@@ -16,7 +16,7 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([TRITONLLM, *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_second_build_reuses_the_first(smollm2_build):
     from tritonllm.builders.pipeline import build
 
@@ -25,14 +25,14 @@ def test_second_build_reuses_the_first(smollm2_build):
     assert again.repository_dir == smollm2_build.repository_dir
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_build_command_prints_the_cached_repository(smollm2_build):
     done = run_cli("build")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(smollm2_build.repository_dir)
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_lint_command_passes_a_rendered_repository_and_fails_a_broken_copy(smollm2_build, tmp_path):
     done = run_cli("lint", str(smollm2_build.repository_dir))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -46,7 +46,7 @@ def test_lint_command_passes_a_rendered_repository_and_fails_a_broken_copy(smoll
     assert "ensemble/config.pbtxt" in done.stdout + done.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_generate_command_streams_an_answer(server, protocol):
     url = server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url

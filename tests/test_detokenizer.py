@@ -6,14 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from test_tokenization import (  # noqa: F401  (session fixtures shared with the tokenization tests)
-    SENTENCEPIECE_DECODERS,
-    TEXTS,
-    random_id_sequences,
-    sentencepiece_style_tokenizer,
-    smollm2_tokenizer,
-    smollm2_tokenizer_dir,
-)
+from support import SENTENCEPIECE_DECODERS, TEXTS, random_id_sequences, sentencepiece_style_tokenizer
 
 from tritonllm.python_backends.detokenizer import ENGINE_CONTEXT_TOKENS, decode_piece
 from tritonllm.python_backends.errors import InvalidArgument

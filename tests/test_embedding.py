@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 import time
@@ -12,24 +11,6 @@ import numpy as np
 import pytest
 
 from tritonllm.python_backends.embedding import Embedder
-
-
-@functools.lru_cache(maxsize=None)
-def export_once(base: Path) -> Path:
-    """One export per test session, shared by every module that uses the embedder_dir fixture."""
-    from tritonllm.builders.embedder import export_embedder
-
-    return export_embedder(base / "embedder")
-
-
-@pytest.fixture(scope="session")
-def embedder_dir(tmp_path_factory) -> Path:
-    return export_once(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
-def embedder(embedder_dir) -> Embedder:
-    return Embedder(embedder_dir)
 
 
 def test_export_passed_the_sentence_transformers_check(embedder_dir):

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from test_repository_render import make_artifacts
+from support import make_artifacts
 from tritonllm.builders.lint import Finding, format_findings, lint_model_configs, lint_repository
 from tritonllm.builders.repository import render_repository
 from tritonllm.contract import CALLED_MODEL_PARAMETER, CacheSettings, EngineSettings, RepositorySettings

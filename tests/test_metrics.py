@@ -18,7 +18,7 @@ from tritonllm.python_backends.metrics import (
 )
 from tritonllm.python_backends.sampling import SamplingParams
 from tritonllm.python_backends.stop_criteria import FinishReason
-from test_engine_batching import run, tiny_onnx  # noqa: F401  (module fixture: a tiny random Llama in ONNX)
+from support import run_request
 
 
 def stats(**changes) -> EngineStats:
@@ -77,7 +77,7 @@ def test_dashboard_charts_every_engine_metric_and_no_unknown_one():
         assert any(name.startswith(spec.name) for name in engine_queried), f"no panel shows {spec.name}"
 
 
-def test_engine_reports_one_first_token_and_one_gap_per_later_token(tiny_onnx):  # noqa: F811
+def test_engine_reports_one_first_token_and_one_gap_per_later_token(tiny_onnx):
     timings = TokenTimings()
     settings = EngineSettings(max_batch_size=4, max_queue_size=16, max_context_length=256, kv_cache_max_tokens=4096,
                               prefill_chunk_tokens=64, intra_op_threads=1)
@@ -85,7 +85,7 @@ def test_engine_reports_one_first_token_and_one_gap_per_later_token(tiny_onnx): 
     try:
         prompts = [[5, 6, 7], list(range(10, 30)), [3] * 9]
         new_tokens = 6
-        collectors = [run(engine, GenerationRequest(prompt, new_tokens, SamplingParams(min_tokens=new_tokens),
+        collectors = [run_request(engine, GenerationRequest(prompt, new_tokens, SamplingParams(min_tokens=new_tokens),
                                                     streaming=index % 2 == 0))
                       for index, prompt in enumerate(prompts)]
         for collector in collectors:
@@ -128,7 +128,7 @@ def settled_values(url: str) -> dict[str, float]:
     raise AssertionError(f"engine metrics never settled: {current}")
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_metrics_endpoint_exposes_every_engine_metric(server):
     names = {sample.name for sample in scrape_metrics(server.endpoints.metrics_url)
              if sample.labels.items() >= ENGINE_LABELS.items()}
@@ -139,14 +139,14 @@ def test_metrics_endpoint_exposes_every_engine_metric(server):
     assert reasons == {reason.value for reason in FinishReason}
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_dashboard_queries_only_metrics_the_server_exposes(server):
     exposed = {sample.name for sample in scrape_metrics(server.endpoints.metrics_url)}
     missing = {name for name in dashboard_metric_names() - exposed if not name.startswith(ON_GPU_ONLY)}
     assert not missing, f"the dashboard queries metrics this server does not expose: {sorted(missing)}"
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_counters_move_by_the_tokens_of_known_requests(server, smollm2_hf_dir):
     from transformers import AutoTokenizer
 

@@ -3,15 +3,13 @@ server needed."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import onnx
 import pytest
 from google.protobuf import text_format
-from onnx import TensorProto, helper
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from support import make_artifacts
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonllm.builders.lint import lint_repository
@@ -32,34 +30,6 @@ ENSEMBLE_INPUTS = {
     "bad_words": ("TYPE_STRING", [-1], True), "seed": ("TYPE_UINT64", [1], True),
     "apply_chat_template": ("TYPE_BOOL", [1], True)}
 ENSEMBLE_OUTPUTS = {"text_output": ("TYPE_STRING", [-1], False)}
-
-
-def make_artifacts(root: Path) -> dict[str, Path]:
-    """A tokenizer folder (byte-level BPE + generation config + a weights file that must not be copied), a folder
-    holding a valid ONNX graph, and an embedder folder."""
-    tokenizer_dir = root / "hf"
-    tokenizer_dir.mkdir(parents=True)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(["Hello world, this is a tokenizer test."] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer.save(str(tokenizer_dir / "tokenizer.json"))
-    (tokenizer_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 2}))
-    (tokenizer_dir / "model.safetensors").write_bytes(b"weights stay out of the tokenizer folders")
-
-    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "tiny",
-                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "tokens"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.INT64, [1, "tokens"])])
-    onnx_dir = root / "onnx-fp32"
-    onnx_dir.mkdir()
-    onnx.save(helper.make_model(graph), str(onnx_dir / "model.onnx"))
-
-    embedder_dir = root / "embedder"
-    embedder_dir.mkdir()
-    onnx.save(helper.make_model(graph), str(embedder_dir / "model.onnx"))
-    return {"tokenizer_dir": tokenizer_dir, "onnx_dir": onnx_dir, "embedder_dir": embedder_dir}
 
 
 def load_config(repository: Path, model: str) -> mc.ModelConfig:

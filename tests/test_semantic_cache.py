@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_embedding import embedder, embedder_dir  # noqa: F401  (session fixtures: one export per session)
 
 from tritonllm.contract import CacheSettings, SettingsError
 from tritonllm.python_backends.errors import InvalidArgument

@@ -7,7 +7,7 @@ import pytest
 
 from tritonllm.client.api import GenerationParams, LLMClient
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.server, pytest.mark.model]
 
 PROMPTS = [
     "What is the capital of France?",

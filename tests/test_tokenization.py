@@ -2,97 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import random
-from pathlib import Path
-
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+from support import SENTENCEPIECE_DECODERS, TEXTS, random_id_sequences, sentencepiece_style_tokenizer
+from tokenizers import Tokenizer, decoders
 
-from tritonllm.paths import bundled_gguf
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.preprocessing import PreparedRequest, Preprocessor, stack_prepared, to_word_list
 from tritonllm.python_backends.token_bytes import TokenBytes, UnsupportedTokenizer, _byte_level_alphabet
 
-# Accents, CJK, Korean, emoji (multi-codepoint ones too), leading/trailing/multiple spaces, newlines, tabs, code.
-TEXTS = [
-    "Hello world",
-    " leading space and  double  spaces ",
-    "The café served crème brûlée to a naïve visitor in Zürich.",
-    "中文分词测试。日本語のテキストも少し。",
-    "한국어 문장입니다.",
-    "Emoji: 👍🏽 🇫🇷 👨‍👩‍👧 🤖✨",
-    "Ελληνικά και русский текст",
-    "def f(x):\n\treturn x ** 2  # square\n",
-    "\n\nnew lines\r\nand ｆｕｌｌｗｉｄｔｈ",
-    "mixed: a中b👍c é",
-]
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
-    """SmolLM2's tokenizer converted from the bundled GGUF (the tokenizer alone takes seconds), with the special
-    tokens a build writes: transformers 4.57 reads bos = eos = <|im_start|> from this GGUF, which says eos = pad =
-    <|im_end|> (id 2); generation_config.json carries the GGUF's ids, as in a converted model folder."""
-    from transformers import AutoTokenizer
-
-    # A fixed folder in the session's temp dir: test_detokenizer.py imports this fixture, and pytest sets it up once
-    # per importing module.
-    folder = tmp_path_factory.getbasetemp() / "smollm2-tokenizer"
-    if (folder / "generation_config.json").is_file():
-        return folder
-    gguf = bundled_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
-    tokenizer.save_pretrained(folder)
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
-                                                               "pad_token_id": 2}))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_tokenizer_dir) -> Tokenizer:
-    return Tokenizer.from_file(str(smollm2_tokenizer_dir / "tokenizer.json"))
 
 
 def with_decoder(tokenizer: Tokenizer, decoder: decoders.Decoder) -> Tokenizer:
     copy = Tokenizer.from_str(tokenizer.to_str())
     copy.decoder = decoder
     return copy
-
-
-def sentencepiece_style_tokenizer(decoder: decoders.Decoder) -> Tokenizer:
-    """A small Llama-2-like BPE: `▁` for spaces, byte fallback to `<0xNN>` tokens for characters it never saw (CJK,
-    emoji), special tokens <unk> <s> </s>."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tokenizer.train_from_iterator([text for text in TEXTS if text.isascii()] * 5, trainer)
-    config = json.loads(tokenizer.to_str())
-    vocab = config["model"]["vocab"]
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    tokenizer = Tokenizer.from_str(json.dumps(config))
-    tokenizer.decoder = decoder
-    return tokenizer
-
-
-SENTENCEPIECE_DECODERS = {
-    # Llama 2 / Mistral tokenizer.json: one leading space of the whole text is stripped.
-    "llama": decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                decoders.Strip(" ", 1, 0)]),
-    # Metaspace decoder: the first token loses its `▁` (every one of them) unless the scheme is "never".
-    "metaspace-first": decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace("▁", "first")]),
-    "metaspace-never": decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace("▁", "never")]),
-    # Gemma: no stripping at all.
-    "no-strip": decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]),
-}
-
-
-def random_id_sequences(vocab_size: int, count: int, seed: int, max_length: int = 12) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(rng.randrange(1, max_length))] for _ in range(count)]
 
 
 def assert_matches_decode(tokenizer: Tokenizer, table: TokenBytes, ids: list[int], exact_even_if_invalid: bool):

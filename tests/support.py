@@ -1,0 +1,160 @@
+"""Plain helpers shared by test modules (fixtures live in conftest.py): tiny models, artifacts, tokenizer texts.
+
+Import them with `from support import ...`; test modules never import each other.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+TINY_VOCAB = 49152  # vocabulary of export_tiny_llama's model
+
+# Accents, CJK, Korean, emoji (multi-codepoint ones too), leading/trailing/multiple spaces, newlines, tabs, code.
+TEXTS = [
+    "Hello world",
+    " leading space and  double  spaces ",
+    "The café served crème brûlée to a naïve visitor in Zürich.",
+    "中文分词测试。日本語のテキストも少し。",
+    "한국어 문장입니다.",
+    "Emoji: 👍🏽 🇫🇷 👨‍👩‍👧 🤖✨",
+    "Ελληνικά και русский текст",
+    "def f(x):\n\treturn x ** 2  # square\n",
+    "\n\nnew lines\r\nand ｆｕｌｌｗｉｄｔｈ",
+    "mixed: a中b👍c é",
+]
+
+
+def sentencepiece_style_tokenizer(decoder: decoders.Decoder) -> Tokenizer:
+    """A small Llama-2-like BPE: `▁` for spaces, byte fallback to `<0xNN>` tokens for characters it never saw (CJK,
+    emoji), special tokens <unk> <s> </s>."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator([text for text in TEXTS if text.isascii()] * 5, trainer)
+    config = json.loads(tokenizer.to_str())
+    vocab = config["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    tokenizer = Tokenizer.from_str(json.dumps(config))
+    tokenizer.decoder = decoder
+    return tokenizer
+
+
+SENTENCEPIECE_DECODERS = {
+    # Llama 2 / Mistral tokenizer.json: one leading space of the whole text is stripped.
+    "llama": decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                decoders.Strip(" ", 1, 0)]),
+    # Metaspace decoder: the first token loses its `▁` (every one of them) unless the scheme is "never".
+    "metaspace-first": decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace("▁", "first")]),
+    "metaspace-never": decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace("▁", "never")]),
+    # Gemma: no stripping at all.
+    "no-strip": decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]),
+}
+
+
+def random_id_sequences(vocab_size: int, count: int, seed: int, max_length: int = 12) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(rng.randrange(1, max_length))] for _ in range(count)]
+
+
+def make_artifacts(root: Path) -> dict[str, Path]:
+    """A tokenizer folder (byte-level BPE + generation config + a weights file that must not be copied), a folder
+    holding a valid ONNX graph, and an embedder folder."""
+    tokenizer_dir = root / "hf"
+    tokenizer_dir.mkdir(parents=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["Hello world, this is a tokenizer test."] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(tokenizer_dir / "tokenizer.json"))
+    (tokenizer_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 2}))
+    (tokenizer_dir / "model.safetensors").write_bytes(b"weights stay out of the tokenizer folders")
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "tiny",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "tokens"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.INT64, [1, "tokens"])])
+    onnx_dir = root / "onnx-fp32"
+    onnx_dir.mkdir()
+    onnx.save(helper.make_model(graph), str(onnx_dir / "model.onnx"))
+
+    embedder_dir = root / "embedder"
+    embedder_dir.mkdir()
+    onnx.save(helper.make_model(graph), str(embedder_dir / "model.onnx"))
+    return {"tokenizer_dir": tokenizer_dir, "onnx_dir": onnx_dir, "embedder_dir": embedder_dir}
+
+
+def export_tiny_llama(root: Path, last_logits_only: bool) -> Path:
+    """A tiny random Llama (vocab TINY_VOCAB) exported to ONNX with the project's exporter; returns the ONNX folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tritonllm.builders.onnx_export import export_decoder
+
+    torch.manual_seed(0)
+    # initializer_range 0.1 spreads the logits (top-2 gap ~0.13) so fp32 noise from batching cannot flip an argmax.
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=512,
+                         initializer_range=0.1)
+    LlamaForCausalLM(config).save_pretrained(root / "hf")
+    return export_decoder(root / "hf", root / "onnx", "fp32", last_logits_only=last_logits_only)
+
+
+def save_tiny_model(folder: Path, model_type: str = "llama") -> Path:
+    """A tiny random decoder (hidden 64, 2 layers, 4 heads / 2 KV heads) saved with SmolLM2's converted tokenizer.
+
+    Weights are drawn wider than the default (std 0.1) so logits vary enough for parity to mean something.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tritonllm.builders.source import prepare_hf_model
+    from tritonllm.paths import cache_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_hf_model(None, cache_dir()))
+    config = AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048, rope_theta=100000.0,
+        initializer_range=0.1, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class Collector:
+    """Outputs of one engine request, with a flag set on its final output."""
+
+    outputs: list = field(default_factory=list)
+    finished: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+
+    def emit(self, output) -> None:
+        self.outputs.append(output)
+        if output.final:
+            self.finished.set()
+
+    def wait(self):
+        assert self.finished.wait(60), "no final output within 60 s"
+        return self.outputs[-1]
+
+
+def run_request(engine, request) -> Collector:
+    """Submit `request` to an Engine and wait for its final output."""
+    collector = Collector()
+    engine.submit(request, collector.emit, lambda: collector.cancelled)
+    collector.wait()
+    return collector
