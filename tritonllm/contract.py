@@ -60,15 +60,15 @@ ENSEMBLE_INPUTS: tuple[Tensor, ...] = (
     Tensor("stream", "TYPE_BOOL", (1,), True, "stream pieces as they come (default false)"),
     Tensor("exclude_input_in_output", "TYPE_BOOL", (1,), True, "leave the prompt out of a non-streamed answer"),
     Tensor("temperature", "TYPE_FP32", (1,), True, "0 or absent: greedy"),
-    Tensor("top_p", "TYPE_FP32", (1,), True),
-    Tensor("top_k", "TYPE_INT32", (1,), True),
+    Tensor("top_p", "TYPE_FP32", (1,), True, "nucleus sampling"),
+    Tensor("top_k", "TYPE_INT32", (1,), True, "top-k sampling"),
     Tensor("end_id", "TYPE_INT32", (1,), True, "end token; default: the model's eos"),
     Tensor("pad_id", "TYPE_INT32", (1,), True,
            "padding token of TensorRT-LLM's contract; the ONNX engine masks padding, so it never changes the text"),
     Tensor("min_tokens", "TYPE_INT32", (1,), True, "end_id is banned until this many new tokens"),
-    Tensor("stop_words", "TYPE_STRING", (-1,), True),
-    Tensor("bad_words", "TYPE_STRING", (-1,), True),
-    Tensor("seed", "TYPE_UINT64", (1,), True),
+    Tensor("stop_words", "TYPE_STRING", (-1,), True, "generation stops when one of these is generated"),
+    Tensor("bad_words", "TYPE_STRING", (-1,), True, "sequences never generated"),
+    Tensor("seed", "TYPE_UINT64", (1,), True, "sampling seed (same seed, same answer)"),
     Tensor("apply_chat_template", "TYPE_BOOL", (1,), True,
            "ours: wrap the prompt in the model's chat template as one user turn"),
 )
@@ -76,7 +76,7 @@ ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (Tensor("text_output", "TYPE_STRING", (-1
 # The front model `llm`: the ensemble's contract plus these.
 FRONT_ONLY_INPUTS: tuple[Tensor, ...] = (
     Tensor("tenant", "TYPE_STRING", (1,), True, "front model only: whose cache entries a request may see"),
-    Tensor("cache", "TYPE_STRING", (1,), True, "front model only: use | bypass | refresh (default use)"),
+    Tensor("cache", "TYPE_STRING", (1,), True, "front model only: use, bypass or refresh (default use)"),
 )
 FRONT_INPUTS: tuple[Tensor, ...] = ENSEMBLE_INPUTS + FRONT_ONLY_INPUTS
 FRONT_OUTPUTS: tuple[Tensor, ...] = ENSEMBLE_OUTPUTS + (
