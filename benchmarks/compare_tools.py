@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tritonllm.client.bench import first_error, run_level
 from tritonllm.client.genai_perf import GenaiPerfError, genai_perf_binary, run_genai_perf
@@ -34,14 +35,12 @@ ENGINE_COUNTERS = {
 
 @dataclass
 class ToolRow:
+    """One tool at one level: its own measurement (`level`: a bench LevelResult, a PerfLevel or a GenaiPerfLevel,
+    which all carry concurrency, output_tokens_per_s, requests_per_s, ttft_s, itl_s, latency_s)."""
+
     tool: str
-    concurrency: int
-    requests: int
-    output_tokens_per_s: float
-    requests_per_s: float
-    ttft_s: dict[str, float]
-    itl_s: dict[str, float]
-    latency_s: dict[str, float]
+    requests: int  # answered requests
+    level: Any
     server: dict[str, float] = field(default_factory=dict)  # what the engine counted during this run
 
 
@@ -66,8 +65,8 @@ def measure(tool: str, concurrency: int, metrics_url: str, run) -> ToolRow:
     row = run()
     time.sleep(2 * FLUSH_INTERVAL_SECONDS)
     row.server = server_view(before, engine_counters(metrics_url))
-    print(f"  {tool:13s} c={concurrency}: {row.output_tokens_per_s:7.1f} out tok/s, "
-          f"TTFT p50 {row.ttft_s['p50']:.3f} s, engine saw {row.server['generated_tokens']:.0f} generated tokens", flush=True)
+    print(f"  {tool:13s} c={concurrency}: {row.level.output_tokens_per_s:7.1f} out tok/s, "
+          f"TTFT p50 {row.level.ttft_s['p50']:.3f} s, engine saw {row.server['generated_tokens']:.0f} generated tokens", flush=True)
     return row
 
 
@@ -82,18 +81,15 @@ def compare(url: str, metrics_url: str, hf_dir: Path, prompts: list[str], levels
     for level in levels:
         def bench() -> ToolRow:
             r = run_level(stream, prompts, output_tokens, level)
-            return ToolRow("tritonllm bench", level, r.requests - r.errors, r.output_tokens_per_s, r.requests_per_s,
-                           r.ttft_s, r.itl_s, r.latency_s)
+            return ToolRow("tritonllm bench", r.requests - r.errors, r)
 
         def perf_analyzer() -> ToolRow:
             [p] = run_perf_analyzer(url, "ensemble", input_data, [level], out_dir, len(prompts))
-            return ToolRow("perf_analyzer", level, p.requests, p.output_tokens_per_s, p.requests_per_s, p.ttft_s,
-                           p.itl_s, p.latency_s)
+            return ToolRow("perf_analyzer", p.requests, p)
 
         def genai_perf() -> ToolRow:
             [g] = run_genai_perf(url, "ensemble", hf_dir, prompts, [level], len(prompts), output_tokens, out_dir)
-            return ToolRow("genai-perf", level, g.requests, g.output_tokens_per_s, g.requests_per_s, g.ttft_s,
-                           g.itl_s, g.latency_s)
+            return ToolRow("genai-perf", g.requests, g)
 
         tools = [("tritonllm bench", bench), ("perf_analyzer", perf_analyzer)]
         tools += [("genai-perf", genai_perf)] if with_genai_perf else []
@@ -109,9 +105,10 @@ def table(rows: list[ToolRow]):
                    "lat p99", "engine gen tok", "engine prompt tok", "engine TTFT", "engine ITL"):
         result.add_column(column, justify="right")
     for r in rows:
-        result.add_row(r.tool, str(r.concurrency), str(r.requests), f"{r.output_tokens_per_s:.1f}",
-                       f"{r.requests_per_s:.3f}", *(f"{v:.3f}" for v in (
-                           r.ttft_s["p50"], r.ttft_s["p99"], r.itl_s["p50"], r.latency_s["p50"], r.latency_s["p99"])),
+        m = r.level
+        result.add_row(r.tool, str(m.concurrency), str(r.requests), f"{m.output_tokens_per_s:.1f}",
+                       f"{m.requests_per_s:.3f}", *(f"{v:.3f}" for v in (
+                           m.ttft_s["p50"], m.ttft_s["p99"], m.itl_s["p50"], m.latency_s["p50"], m.latency_s["p99"])),
                        f"{r.server['generated_tokens']:.0f}", f"{r.server['prompt_tokens']:.0f}",
                        f"{r.server['ttft_mean_s']:.3f}", f"{r.server['itl_mean_s']:.3f}")
     return result
@@ -162,7 +159,7 @@ def main() -> None:
             "prompt_tokens": [args.min_prompt_tokens, args.max_prompt_tokens], "cpu_cores": os.cpu_count(),
             "load_average": os.getloadavg()}
     path = args.out / "compare_tools.json"
-    path.write_text(json.dumps({"meta": meta, "rows": [asdict(row) for row in rows]}, indent=2))
+    path.write_text(json.dumps({"meta": meta, "rows": [asdict(row) for row in rows]}, indent=2, default=str))
     from rich.console import Console
 
     Console(width=200).print(table(rows))

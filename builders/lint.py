@@ -15,7 +15,7 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -367,30 +367,30 @@ def _check_step(file: str, ensemble: mc.ModelConfig, step: mc.ModelEnsembling.St
     batching = step_config.max_batch_size > 0
     declared_inputs = {io.name: io for io in step_config.input}
     declared_outputs = {io.name: io for io in step_config.output}
-    for key, value in step.input_map.items():
-        field = f"{prefix}.input_map[{key}]"
-        if key not in declared_inputs:
-            findings.append(Finding(file, field, f"maps {value!r} to input {key!r}, which model {model!r} does not "
-                                    f"declare; allowed: one of {sorted(declared_inputs)}"))
-            continue
-        model_input = declared_inputs[key]
-        if value in optional_inputs and not model_input.optional:
-            findings.append(Finding(file, field, f"feeds the optional ensemble input {value!r} to the required "
-                                    f"input {key!r} of {model!r}; allowed: a required ensemble input, or mark {key!r} "
-                                    "optional"))
-        findings += _merge(tensors, value, _tensor(model_input, batching, f"{model} input {key}"), file, field)
+
+    def check_map(kind: str, mapping: Mapping[str, str], declared: Mapping[str, Any]) -> None:
+        """Each `kind` ("input"/"output") mapping: declared by the model, and consistent with the ensemble tensor."""
+        for key, value in mapping.items():
+            field = f"{prefix}.{kind}_map[{key}]"
+            if key not in declared:
+                mapped = f"maps {value!r} to input {key!r}" if kind == "input" else f"maps output {key!r}"
+                to = "" if kind == "input" else f", to {value!r}"
+                findings.append(Finding(file, field, f"{mapped}, which model {model!r} does not declare{to}; "
+                                        f"allowed: one of {sorted(declared)}"))
+                continue
+            if kind == "input" and value in optional_inputs and not declared[key].optional:
+                findings.append(Finding(file, field, f"feeds the optional ensemble input {value!r} to the required "
+                                        f"input {key!r} of {model!r}; allowed: a required ensemble input, or mark "
+                                        f"{key!r} optional"))
+            findings.extend(_merge(tensors, value, _tensor(declared[key], batching, f"{model} {kind} {key}"), file,
+                                   field))
+
+    check_map("input", step.input_map, declared_inputs)
     for io in step_config.input:
         if io.name not in step.input_map and not io.optional:
             findings.append(Finding(file, f"{prefix}.input_map", f"does not map the required input {io.name!r} of "
                                     f"{model!r}; allowed: map it to an ensemble tensor, or mark it optional there"))
-    for key, value in step.output_map.items():
-        field = f"{prefix}.output_map[{key}]"
-        if key not in declared_outputs:
-            findings.append(Finding(file, field, f"maps output {key!r}, which model {model!r} does not declare, to "
-                                    f"{value!r}; allowed: one of {sorted(declared_outputs)}"))
-            continue
-        findings += _merge(tensors, value, _tensor(declared_outputs[key], batching, f"{model} output {key}"), file,
-                           field)
+    check_map("output", step.output_map, declared_outputs)
     return findings
 
 

@@ -68,13 +68,12 @@ class _DecoderSteps:
     def __init__(self, decoder: dict | None) -> None:
         if decoder is None:
             raise UnsupportedTokenizer(f"the tokenizer has no decoder; supported decoders: {_SUPPORTED}")
-        self.steps = decoder["decoders"] if decoder["type"] == "Sequence" else [decoder]
-        fused = False
-        for step in self.steps:
-            kind = step["type"]
-            if kind == "Fuse":
-                fused = True
-            elif kind == "Replace":
+        steps = decoder["decoders"] if decoder["type"] == "Sequence" else [decoder]
+        # (kind, step, whether a Fuse step came before it): Fuse joins the tokens, so later steps see the whole text.
+        self.plan = [(step["type"], step, any(earlier["type"] == "Fuse" for earlier in steps[:position]))
+                     for position, step in enumerate(steps)]
+        for kind, step, fused in self.plan:
+            if kind == "Replace":
                 pattern = step["pattern"].get("String")
                 # After Fuse a pattern longer than one character could span two tokens.
                 if pattern is None or (fused and len(pattern) > 1):
@@ -87,17 +86,13 @@ class _DecoderSteps:
             elif kind == "Metaspace":
                 if fused:
                     raise UnsupportedTokenizer("decoder step Metaspace after Fuse is not supported")
-            elif kind not in ("ByteLevel", "ByteFallback"):
+            elif kind not in ("ByteLevel", "ByteFallback", "Fuse"):
                 raise UnsupportedTokenizer(f"decoder step {kind} is not supported; supported: {_SUPPORTED}")
 
     def apply(self, token: str, opens_text: bool) -> bytes:
         value: str | bytes = token
-        fused = False
-        for step in self.steps:
-            kind = step["type"]
-            if kind == "Fuse":
-                fused = True
-            elif kind == "ByteFallback":
+        for kind, step, fused in self.plan:
+            if kind == "ByteFallback":
                 byte = _byte_fallback_value(value) if isinstance(value, str) else None
                 if byte is not None:
                     value = bytes([byte])

@@ -7,15 +7,21 @@ API:
   `default` for every row when the input is absent.
 - `error_response(error) -> pb_utils.InferenceResponse`: the response carrying an InvalidArgument (INVALID_ARG) or
   Unavailable (UNAVAILABLE) error; `triton_error(error)` gives the bare `pb_utils.TritonError` (for decoupled senders).
+- `model_setup(args) -> (parameters, version_dir)`: what `initialize` reads from its args.
+- `respond_each(requests, outputs_of) -> list`: `execute` of a model that answers each request once.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the stub, with its C++ classes attached
 
+from tritonllm.contract import read_parameters
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 
 # Triton's type names, so dtype errors read like the model configuration.
@@ -57,3 +63,24 @@ def triton_error(error: InvalidArgument | Unavailable) -> Any:
 
 def error_response(error: InvalidArgument | Unavailable) -> Any:
     return pb_utils.InferenceResponse(error=triton_error(error))
+
+
+def model_setup(args: dict) -> tuple[dict[str, str], Path]:
+    """The `parameters` of the model's configuration (strings) and its version folder, from `initialize`'s args."""
+    parameters = read_parameters(json.loads(args["model_config"]))
+    return parameters, Path(args["model_repository"]) / args["model_version"]
+
+
+def respond_each(requests: list, outputs_of: Callable[[Any], dict[str, np.ndarray]]) -> list:
+    """One response per request (not decoupled): the tensors `outputs_of(request)` returns by name, or the error
+    response of the InvalidArgument it raised."""
+    responses = []
+    for request in requests:
+        try:
+            outputs = outputs_of(request)
+        except InvalidArgument as error:
+            responses.append(error_response(error))
+            continue
+        responses.append(pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()]))
+    return responses

@@ -29,44 +29,19 @@ USAGE_ERROR = 2  # a bad option: nothing ran
 FAILED = 1  # the work failed
 
 
-class Engine(str, enum.Enum):
-    onnxruntime = "onnxruntime"
-    trtllm = "trtllm"
+def _choices(name: str, *values: str) -> type[enum.Enum]:
+    """A str Enum of the values an option allows (typer shows them in --help and refuses any other)."""
+    return enum.Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-class Precision(str, enum.Enum):
-    """Precisions the ONNX Runtime engine serves (bf16 is refused by the export: no CPU kernels)."""
-
-    fp32 = "fp32"
-    int8 = "int8"
-
-
-class Quant(str, enum.Enum):
-    fp8 = "fp8"
-
-
-class KvCacheDtype(str, enum.Enum):
-    fp8 = "fp8"
-
-
-class Protocol(str, enum.Enum):
-    grpc = "grpc"
-    http = "http"
-
-
-class Model(str, enum.Enum):
-    ensemble = "ensemble"
-    llm = "llm"
-
-
-class Tool(str, enum.Enum):
-    perf_analyzer = "perf_analyzer"
-    genai_perf = "genai-perf"
-
-
-class LlmCache(str, enum.Enum):
-    bypass = "bypass"
-    use = "use"
+Engine = _choices("Engine", "onnxruntime", "trtllm")
+Precision = _choices("Precision", "fp32", "int8")  # what the ONNX Runtime engine serves (no CPU bf16 kernels)
+Quant = _choices("Quant", "fp8")
+KvCacheDtype = _choices("KvCacheDtype", "fp8")
+Protocol = _choices("Protocol", "grpc", "http")
+Model = _choices("Model", "ensemble", "llm")
+Tool = _choices("Tool", "perf_analyzer", "genai-perf")
+LlmCache = _choices("LlmCache", "bypass", "use")
 
 
 def _fail(message: str, code: int = FAILED) -> NoReturn:

@@ -7,28 +7,23 @@ metrics (tritonllm.python_backends.metrics) reach Triton's /metrics from their o
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.contract import (EngineSettings, check_decoder_precision, read_parameters, required_parameter,
-                                settings_from_parameters)
+from tritonllm.contract import EngineSettings, check_decoder_precision, required_parameter, settings_from_parameters
 from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 from tritonllm.python_backends.metrics import EngineMetrics
 from tritonllm.python_backends.sampling import SamplingParams, words_from_list
 from tritonllm.python_backends.stop_criteria import FinishReason
-from tritonllm.python_backends.triton_io import get_input, row_values, triton_error
+from tritonllm.python_backends.triton_io import get_input, model_setup, row_values, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        parameters = read_parameters(json.loads(args["model_config"]))
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        parameters, version_dir = model_setup(args)
         settings = settings_from_parameters(EngineSettings, parameters, kind="onnxruntime")
         self.metrics = EngineMetrics(pb_utils.MetricFamily, args["model_name"], args["model_version"],
                                      settings.kv_cache_max_tokens)

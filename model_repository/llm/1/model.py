@@ -7,19 +7,16 @@ together are batched by the embedder); `execute` returns at once, as a decoupled
 
 from __future__ import annotations
 
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.contract import read_parameters
 from tritonllm.python_backends import front
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 from tritonllm.python_backends.semantic_cache import CacheStats
-from tritonllm.python_backends.triton_io import get_input, triton_error
+from tritonllm.python_backends.triton_io import get_input, model_setup, triton_error
 
 MAX_CONCURRENT_REQUESTS = 256  # worker threads; they mostly wait on the ensemble's stream
 LOOKUP_SECONDS_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0]
@@ -77,8 +74,7 @@ class CacheMetrics:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        parameters = read_parameters(json.loads(args["model_config"]))
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        parameters, version_dir = model_setup(args)
         self.metrics = CacheMetrics()
         self.front, loaded = front.build_front(parameters, version_dir, self.metrics.observe_lookup)
         self.ensemble = self.front.model

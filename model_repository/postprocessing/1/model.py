@@ -4,35 +4,21 @@ Without STREAM_CONTEXT_LENGTH / STREAM_FINAL (a TensorRT-LLM engine sends neithe
 whole sequence: context 0, final.
 """
 
-import json
-from pathlib import Path
-
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
-from tritonllm.contract import read_parameters
 from tritonllm.python_backends.detokenizer import decode_piece
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.token_bytes import TokenBytes
-from tritonllm.python_backends.triton_io import error_response, get_input, row_values
+from tritonllm.python_backends.triton_io import get_input, model_setup, respond_each, row_values
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        tokenizer_path = read_parameters(json.loads(args["model_config"]))["tokenizer_path"]
-        self.table = TokenBytes.from_tokenizer_dir(Path(args["model_repository"]) / args["model_version"]
-                                                   / tokenizer_path)
+        parameters, version_dir = model_setup(args)
+        self.table = TokenBytes.from_tokenizer_dir(version_dir / parameters["tokenizer_path"])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                text = self._decode(request)
-            except InvalidArgument as error:
-                responses.append(error_response(error))
-                continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", text)]))
-        return responses
+        return respond_each(requests, lambda request: {"OUTPUT": self._decode(request)})
 
     def _decode(self, request) -> np.ndarray:
         tokens = get_input(request, "TOKENS_BATCH", np.int32, required=True)

@@ -1,35 +1,20 @@
 """Triton adapter of the tokenizer step; the logic is tritonllm.python_backends.preprocessing."""
 
-import json
-from pathlib import Path
-
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
-from tritonllm.contract import read_parameters
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.preprocessing import Preprocessor, stack_prepared
-from tritonllm.python_backends.triton_io import error_response, get_input, row_values
+from tritonllm.python_backends.triton_io import get_input, model_setup, respond_each, row_values
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        parameters = read_parameters(json.loads(args["model_config"]))
-        version_dir = Path(args["model_repository"]) / args["model_version"]
+        parameters, version_dir = model_setup(args)
         self.preprocessor = Preprocessor(version_dir / parameters["tokenizer_path"],
                                          int(parameters["max_context_length"]))
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                outputs = self._prepare(request)
-            except InvalidArgument as error:
-                responses.append(error_response(error))
-                continue
-            responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs.items()]))
-        return responses
+        return respond_each(requests, self._prepare)
 
     def _prepare(self, request) -> dict:
         query = get_input(request, "QUERY", np.object_)
