@@ -37,7 +37,8 @@ EMBEDDER_FOLDER = "embedder"
 # EngineSettings fields the ONNX Runtime engine reads from its parameters.
 ENGINE_PARAMETERS: tuple[str, ...] = (
     "precision", "max_batch_size", "max_queue_size", "kv_cache_max_tokens", "max_context_length",
-    "prefill_chunk_tokens", "prefill_group_ratio", "intra_op_threads")
+    "prefill_chunk_tokens", "prefill_group_ratio", "intra_op_threads", "prefix_cache_max_tokens",
+    "prefix_block_tokens")
 CACHE_PARAMETERS: tuple[str, ...] = tuple(f.name for f in fields(CacheSettings))
 # Parameter of the front model naming the model it sends cache misses to.
 CALLED_MODEL_PARAMETER = "ensemble_model_name"

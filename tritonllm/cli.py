@@ -27,7 +27,7 @@ def _fail(message: str, code: int = 1) -> None:
 def build(
     model: Optional[str] = typer.Option(None, help="HF folder or .gguf file; default: the bundled SmolLM2-135M"),
     out: Optional[Path] = typer.Option(None, help="output folder; default: a content-keyed folder in the cache"),
-    precision: str = typer.Option("fp32", help="ONNX engine precision: fp32, int8 or bf16"),
+    precision: str = typer.Option("fp32", help="ONNX engine precision: fp32, int8 or int4"),
     engine: str = typer.Option("onnxruntime", help="onnxruntime (any machine) or trtllm (NVIDIA GPU)"),
     quant: Optional[str] = typer.Option(None, help="with --engine trtllm: fp8"),
     kv_cache_dtype: Optional[str] = typer.Option(None, help="with --quant fp8: fp8 quantizes the KV cache too"),
@@ -46,7 +46,7 @@ def build(
     try:
         if engine == "onnxruntime":
             if quant:
-                _fail("--quant applies to --engine trtllm; the ONNX engine takes --precision fp32|int8|bf16")
+                _fail("--quant applies to --engine trtllm; the ONNX engine takes --precision fp32|int8|int4")
             from tritonllm.builders.pipeline import build as build_onnx
 
             result = build_onnx(model=model, out_dir=out, precision=precision, console=console,
