@@ -26,7 +26,6 @@ from .errors import BuildError
 # ~5e-5 (float32 summation order); a damaged weight gives differences near 1.
 FP32_TOLERANCE = 1e-4
 SAMPLE_PROMPTS_FILE = "parity_prompts.txt"
-HELDOUT_FILE = "heldout_prompts.jsonl"
 
 
 def sample_prompts(count: int) -> list[str]:
@@ -37,9 +36,9 @@ def sample_prompts(count: int) -> list[str]:
 
 
 def heldout_texts() -> list[str]:
-    text = resources.files("tritonllm.builders").joinpath("data", HELDOUT_FILE).read_text(encoding="utf-8")
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [record.get("text") or record["prompt"] for record in records]
+    from .fp8 import HELDOUT_FILE, load_prompts
+
+    return [text for _, text in load_prompts(HELDOUT_FILE)]
 
 
 @dataclass
