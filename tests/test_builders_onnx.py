@@ -100,7 +100,9 @@ def test_quantized_graphs_quantize_every_weight_and_are_scored_against_fp32(tiny
     graph = onnx.load(quantized / ONNX_FILE, load_external_data=False).graph
     nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
     assert len(nbits) == 2 * 4 + 1 and not any(node.op_type == "MatMul" for node in graph.node)
-    assert {next(a.i for a in node.attribute if a.name == "bits") for node in nbits} == {int(precision[3:])}
+    bits = {node.name: next(a.i for a in node.attribute if a.name == "bits") for node in nbits}
+    assert bits.pop("lm_head_Q8") == 8
+    assert set(bits.values()) == {int(precision[3:])}  # int4 keeps lm_head, the logits' GEMM, in 8 bits
     assert DecoderGeometry.load(quantized).precision == precision
     texts = ["The river flows through the old town, past the market and the church, and on to the sea beyond "
              "the hills where the fishermen keep their boats."]
