@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,22 +35,15 @@ VARIANTS = ("bf16", "fp8", "fp8-kv", "damaged", "onnx")
 
 
 def _onnx_logits(onnx_dir: Path):
-    """[1, T] ids -> [1, T, vocab] logits of an ONNX Runtime decoder exported with all positions' logits."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from tritonllm.builders.onnx_export import ONNX_FILE
-
-    session = ort.InferenceSession(str(onnx_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
-    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    _, kv_heads, _, head_dim = past[0].shape
-    empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+    """[1, T] ids -> [1, T, vocab] logits through the serving executor, one position per step (teacher-forced)."""
+    from tritonllm.python_backends.onnx_runner import OnnxDecoder
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
-        tokens = ids.shape[1]
-        feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, tokens), dtype=np.int64),
-                "position_ids": np.arange(tokens, dtype=np.int64)[None], **{i.name: empty for i in past}}
-        return torch.from_numpy(session.run(["logits"], feed)[0])
+        tokens = ids[0].tolist()
+        executor = OnnxDecoder(onnx_dir, slots=1, max_length=len(tokens))
+        rows = [executor.prefill(0, [tokens[:1]])[0]]
+        rows += [executor.decode([token])[0] for token in tokens[1:]]
+        return torch.from_numpy(np.stack(rows))[None]
 
     return logits
 
@@ -126,13 +120,15 @@ def main() -> None:
             rows.append(_row("FP8 + FP8 KV, weight scales x100 (damaged)", run_gate(CheckpointModel(damaged), heldout,
                                                                                    reference, thresholds)))
         if "onnx" in variants:
-            from tritonllm.builders.onnx_export import export_decoder
+            from tritonllm.builders.onnx_graph import write_decoder
 
-            fp32_onnx = export_decoder(args.model, scratch / "onnx-fp32", "fp32", last_logits_only=False)
-            int8_onnx = export_decoder(args.model, scratch / "onnx-int8", "int8", last_logits_only=False,
-                                       fp32_dir=fp32_onnx)
-            for name, folder in (("ONNX Runtime engine, fp32 export", fp32_onnx),
-                                 ("ONNX Runtime engine, int8 export", int8_onnx)):
+            folders = {}
+            for precision in ("fp32", "int8"):
+                folders[precision] = scratch / f"onnx-{precision}"
+                folders[precision].mkdir()
+                write_decoder(args.model, folders[precision], precision)
+            for name, folder in (("ONNX Runtime engine, fp32 graph", folders["fp32"]),
+                                 ("ONNX Runtime engine, int8 graph", folders["int8"])):
                 rows.append(_row(name, scores=score_sequences(_onnx_logits(folder), heldout), reference=reference))
 
     title = (f"SmolLM2-135M-Instruct vs float32, {len(heldout)} held-out prompts / {reference.tokens} tokens, "

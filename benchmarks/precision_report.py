@@ -1,13 +1,12 @@
-"""Precisions of the ONNX Runtime engine on SmolLM2-135M-Instruct: export time, fp32 parity with torch, decode-step
-latency, greedy agreement with fp32, and whether ONNX Runtime can run bf16 at all.
+"""Precisions of the ONNX Runtime engine on SmolLM2-135M-Instruct, measured through the serving executor
+(python_backends/onnx_runner.OnnxDecoder): build time, size, fp32 parity with torch, accuracy vs fp32 on held-out
+text (teacher-forced top-1 agreement, perplexity), decode-step and prefill latency, and the share of this CPU's
+roofline each reaches (memory-bound decode at batch 1, compute-bound prefill).
 
-Rows: fp32 (the export), int8 (what `tritonllm build --precision int8` ships: 8-bit block-quantized weights,
-`MatMulNBits`), and with `--compare-dynamic` ONNX Runtime's `quantize_dynamic` (per-channel int8 weights, per-tensor
-int8 activations), the quantization this builder did not pick. Latency: one decode step (1 new token per row) at a past
-of 150 tokens, sessions measured in turn on the same inputs so machine noise hits all of them alike.
+  python benchmarks/precision_report.py [--model PATH] [--precisions fp32,int8,int4] [--past 200] [--prompt 150]
+                                        [--repeats 10] [--work DIR] [--out bench-results/precision_report.json]
 
-  python benchmarks/precision_report.py [--model PATH] [--prompts 32] [--new-tokens 32] [--compare-dynamic]
-                                        [--work DIR] [--out bench-results/precision_report.json]
+Latency rows are measured in turn (A B C A B C ...) on the same inputs so machine noise hits every precision alike.
 """
 
 from __future__ import annotations
@@ -23,115 +22,102 @@ from pathlib import Path
 import numpy as np
 
 from tritonllm.builders.errors import BuildError
-from tritonllm.builders.onnx_export import ONNX_FILE, export_decoder
-from tritonllm.builders.parity import OnnxDecoderRunner, check_parity, greedy_agreement, sample_prompts
+from tritonllm.builders.onnx_graph import DecoderGeometry, write_decoder
+from tritonllm.builders.parity import agreement, check_parity
 from tritonllm.builders.source import prepare_hf_model
 from tritonllm.paths import cache_dir
+from tritonllm.python_backends.onnx_runner import ONNX_FILE, OnnxDecoder
+
+# This machine's ceilings (../shared/DESIGN.md): fp32 GEMM peak and two-thread memory read bandwidth.
+FP32_GEMM_GFLOPS = 446.0
+MEMORY_READ_GBPS = 76.0
 
 
-def bf16_probe() -> str:
-    """ONNX Runtime's answer to a one-MatMul bf16 graph on the CPU provider."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    inputs = [helper.make_tensor_value_info(name, TensorProto.BFLOAT16, [4, 4]) for name in ("a", "b")]
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "bf16", inputs,
-                              [helper.make_tensor_value_info("c", TensorProto.BFLOAT16, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    try:
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception as error:  # ORT raises its own exception types
-        return f"unsupported: {error}"
-    return "supported"
-
-
-def quantize_dynamic_int8(fp32_dir: Path, out_dir: Path) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out_dir.mkdir(parents=True)
-    quantize_dynamic(fp32_dir / ONNX_FILE, out_dir / ONNX_FILE, weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"], use_external_data_format=True)
-    return out_dir
-
-
-def decode_latency_ms(onnx_dirs: dict[str, Path], batches: tuple[int, ...], past: int,
-                      repeats: int) -> dict[str, dict[int, float]]:
-    """Median milliseconds of one decode step per variant and batch size, the variants measured in turn."""
-    runners = {name: OnnxDecoderRunner(folder) for name, folder in onnx_dirs.items()}
-    first = next(iter(runners.values()))
+def step_latencies(folders: dict[str, Path], batches: tuple[int, ...], past: int, prompt: int,
+                   repeats: int) -> dict[str, dict[str, float]]:
+    executors = {name: OnnxDecoder(folder, max(batches), past + prompt + repeats + 8) for name, folder in folders.items()}
     rng = np.random.default_rng(0)
-    results: dict[str, dict[int, float]] = {name: {} for name in runners}
-    for batch in batches:
-        cache = [rng.standard_normal((batch, first.kv_heads, past, first.head_dim), dtype=np.float32)
-                 for _ in range(2 * first.num_layers)]
-        inputs = [np.full((batch, 1), 100, np.int64), np.ones((batch, past + 1), np.int64),
-                  np.full((batch, 1), past, np.int64), *cache]
-        timings: dict[str, list[float]] = {name: [] for name in runners}
-        for round_index in range(repeats + 1):
-            for name, runner in runners.items():
-                feed = dict(zip(runner.input_names, inputs))
+    vocab = next(iter(executors.values())).vocab_size
+    timings: dict[str, dict[str, list[float]]] = {name: {} for name in executors}
+    for _ in range(repeats):
+        for name, executor in executors.items():
+            start = time.perf_counter()
+            executor.prefill(0, [rng.integers(3, vocab, prompt).tolist()])
+            timings[name].setdefault(f"prefill_{prompt}_ms", []).append(time.perf_counter() - start)
+            for batch in batches:
+                executor.pool.lengths[:batch] = past
+                ids = rng.integers(3, vocab, batch).tolist()
                 start = time.perf_counter()
-                runner.session.run(runner.output_names, feed)
-                if round_index:  # the first round warms up
-                    timings[name].append(time.perf_counter() - start)
-        for name in runners:
-            results[name][batch] = round(1000 * statistics.median(timings[name]), 1)
-    return results
+                executor.decode(ids)
+                timings[name].setdefault(f"decode_b{batch}_ms", []).append(time.perf_counter() - start)
+    return {name: {key: round(1000 * statistics.median(values), 2) for key, values in rows.items()}
+            for name, rows in timings.items()}
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(file.stat().st_size for file in folder.iterdir() if file.name.startswith(ONNX_FILE))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF folder or .gguf (default: the bundled SmolLM2 GGUF)")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--past", type=int, default=150)
+    parser.add_argument("--model", default=None, help="HF folder or .gguf (default: the bundled SmolLM2)")
+    parser.add_argument("--precisions", default="fp32,int8,int4")
+    parser.add_argument("--past", type=int, default=200)
+    parser.add_argument("--prompt", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--compare-dynamic", action="store_true", help="also measure quantize_dynamic int8")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="keep the exports here and reuse them next time (export time is then not measured)")
+    parser.add_argument("--work", type=Path, default=None, help="keep the builds here and reuse them next time")
     parser.add_argument("--out", type=Path, default=Path("bench-results/precision_report.json"))
     args = parser.parse_args()
 
     hf_dir = prepare_hf_model(args.model, cache_dir())
-    report: dict[str, object] = {"model": str(hf_dir), "bf16_probe": bf16_probe()}
+    report: dict[str, object] = {"model": str(hf_dir), "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="precision-report.") as temporary:
-        work_dir = args.work or Path(temporary)
-        try:
-            export_decoder(hf_dir, work_dir / "bf16", "bf16")
-        except BuildError as error:
-            report["bf16_build"] = str(error)
-        variants = {"fp32": work_dir / "fp32", "int8": work_dir / "int8"}
-        if not (variants["fp32"] / ONNX_FILE).is_file():
-            start = time.perf_counter()
-            export_decoder(hf_dir, variants["fp32"])
-            report["export_seconds_fp32"] = round(time.perf_counter() - start, 1)
-        if not (variants["int8"] / ONNX_FILE).is_file():
-            start = time.perf_counter()
-            export_decoder(hf_dir, variants["int8"], "int8", fp32_dir=variants["fp32"])
-            report["quantize_seconds_int8"] = round(time.perf_counter() - start, 1)
-        if args.compare_dynamic:
-            variants["int8-dynamic"] = work_dir / "int8-dynamic"
-            if not (variants["int8-dynamic"] / ONNX_FILE).is_file():
-                quantize_dynamic_int8(variants["fp32"], variants["int8-dynamic"])
-        fp32 = variants["fp32"]
-        report["onnx_megabytes"] = {name: round(sum(f.stat().st_size for f in folder.iterdir()) / 1e6, 1)
-                                    for name, folder in variants.items()}
-        parity = {batch: check_parity(hf_dir, fp32, batch=batch, decode_steps=3, tolerance=float("inf"))
-                  for batch in (2, 8)}
-        report["fp32_parity_max_abs_logit_diff"] = {batch: result.max_abs_logit_diff
-                                                    for batch, result in parity.items()}
-        report["fp32_parity_same_argmax"] = all(step.same_argmax for r in parity.values() for step in r.steps)
+        work = args.work or Path(temporary)
+        folders: dict[str, Path] = {}
+        for precision in args.precisions.split(","):
+            folder = work / precision
+            if not (folder / ONNX_FILE).is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                start = time.perf_counter()
+                try:
+                    write_decoder(hf_dir, folder, precision)
+                except BuildError as error:
+                    report[f"{precision}_build"] = str(error)
+                    continue
+                report[f"build_seconds_{precision}"] = round(time.perf_counter() - start, 1)
+            folders[precision] = folder
+        geometry = DecoderGeometry.load(folders["fp32"])
+        report["weights_megabytes"] = {name: round(weight_bytes(folder) / 1e6, 1) for name, folder in folders.items()}
+        report["fp32_parity_max_abs_logit_diff"] = check_parity(hf_dir, folders["fp32"], batch=4,
+                                                                tolerance=float("inf")).max_abs_logit_diff
+        report["vs_fp32_on_heldout_text"] = {}
+        for name, folder in folders.items():
+            if name != "fp32":
+                scored = agreement(folders["fp32"], folder, hf_dir)
+                report["vs_fp32_on_heldout_text"][name] = {
+                    "top1_agreement": round(scored.top1_agreement, 4),
+                    "perplexity_increase": round(scored.perplexity_increase, 4), "scored_tokens": scored.scored_tokens}
         load_before = os.getloadavg()[0]
-        report[f"decode_step_ms_past_{args.past}"] = decode_latency_ms(variants, (1, 8, 16), args.past,
-                                                                        args.repeats)
-        # Other processes on the machine slow every variant alike; the load says how comparable runs are.
+        latencies = step_latencies(folders, (1, 8, 16), args.past, args.prompt, args.repeats)
+        report["latency_ms"] = latencies
         report["load_average_during_latency"] = [load_before, os.getloadavg()[0]]
-        report["cpu_count"] = os.cpu_count()
-        prompts = sample_prompts(args.prompts)
-        report["greedy_agreement_with_fp32"] = {
-            name: round(greedy_agreement(fp32, folder, prompts, args.new_tokens, tokenizer_dir=hf_dir), 4)
-            for name, folder in variants.items() if name != "fp32"}
-        report["agreement_workload"] = f"{args.prompts} prompts x {args.new_tokens} greedy tokens (teacher-forced)"
+        # Roofline: batch-1 decode reads every weight once; prefill does 2 FLOPs per weight and token in the decoder
+        # blocks (attention scores excluded) and runs lm_head for the last position only.
+        block_weights = geometry.num_layers * (
+            geometry.hidden_size * (geometry.num_heads + 2 * geometry.num_kv_heads) * geometry.head_dim
+            + geometry.num_heads * geometry.head_dim * geometry.hidden_size
+            + 3 * geometry.hidden_size * geometry.intermediate_size)
+        lm_head_weights = geometry.vocab_size * geometry.hidden_size
+        report["roofline"] = {}
+        for name, rows in latencies.items():
+            decode_bound_ms = weight_bytes(folders[name]) / (MEMORY_READ_GBPS * 1e9) * 1000
+            flops = 2 * (block_weights * args.prompt + lm_head_weights)
+            prefill_gflops = flops / (rows[f"prefill_{args.prompt}_ms"] / 1000) / 1e9
+            report["roofline"][name] = {
+                "decode_b1_memory_bound_ms": round(decode_bound_ms, 2),
+                "decode_b1_share_of_memory_roofline": round(decode_bound_ms / rows["decode_b1_ms"], 3),
+                "prefill_gflops_attention_excluded": round(prefill_gflops, 1),
+                "prefill_share_of_fp32_gemm_peak": round(prefill_gflops / FP32_GEMM_GFLOPS, 3)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

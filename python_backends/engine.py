@@ -1,10 +1,10 @@
 """In-flight (continuous) batching engine over ONNX Runtime.
 
-One loop thread owns the runner. Every iteration it drops cancelled sequences, admits waiting requests while the KV
-budget and the batch size allow, runs at most `prefill_chunk_tokens` of prefill work (so running streams keep
-flowing while long prompts are read), decodes every running sequence in one batched call, emits the new tokens and
-retires finished sequences. Requests arrive from any thread through `submit`; outputs leave through each request's
-`emit` callback, called on the loop thread.
+One loop thread owns the executor (onnx_runner.OnnxDecoder: the session and the KV slot pool). Every iteration it
+drops cancelled sequences, asks the scheduler (scheduler.py) for a plan, runs it (slot moves, prefix loads, prefill
+runs within `prefill_chunk_tokens`, one batched decode step over every running sequence), samples the next token
+of each sequence that got logits, emits it and marks finished sequences, which the scheduler retires. Requests arrive
+from any thread through `submit`; outputs leave through each request's `emit` callback, called on the loop thread.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import numpy as np
 from tritonllm.contract import EngineSettings
 from tritonllm.python_backends.detokenizer import ENGINE_CONTEXT_TOKENS
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
-from tritonllm.python_backends.onnx_runner import DecodeBatch, OnnxRunner, PrefillGroup
+from tritonllm.python_backends.onnx_runner import OnnxDecoder
+from tritonllm.python_backends.prefix_cache import PrefixCache
 from tritonllm.python_backends.sampling import Sampler, SamplingParams, sample_batch
+from tritonllm.python_backends.scheduler import PrefillRun, Scheduler, SchedulerLimits, SequenceState, StepPlan
 from tritonllm.python_backends.stop_criteria import FinishReason, finish_reason
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     streaming: bool = False
     exclude_input_in_output: bool = False
+    tenant: str = ""  # prefix reuse never crosses tenants
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,16 @@ class EngineStats:
     prefilling: int  # admitted sequences whose prompt is being read
     waiting: int
     kv_tokens_reserved: int  # prompt + max new tokens of every admitted sequence
-    kv_tokens_in_use: int  # real tokens held in the decode batch's cache
-    kv_slots_allocated: int  # rows x columns of the decode batch's cache (real + left padding)
+    kv_tokens_in_use: int  # tokens held in the slots of admitted sequences
     decode_steps: int
     prompt_tokens: int
     tokens_generated: int
-    prefill_padding_ratio: float  # padded / real prompt tokens computed
-    decode_padding_ratio: float  # padded / real KV slots attended
-    decode_kv_bytes_per_step: float  # cache bytes read + written by the concat, averaged over steps
+    prefill_padding_ratio: float  # right padding / real prompt tokens computed in batched fresh prefills
+    decode_kv_bytes_per_step: float  # KV bytes read (past) + written (new token) per decode step, averaged
+    kv_bytes_copied: int  # by slot moves and prefix loads/stores
+    prefix_lookup_tokens: int  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int  # of those, loaded from cached blocks instead of computed
+    prefix_cached_tokens: int  # tokens held by the prefix cache now
     finished: dict[str, int]  # sequences by finish reason
 
 
@@ -83,29 +88,19 @@ class TokenTimer(Protocol):
         and between consecutive tokens of each sequence. Must return quickly (no I/O)."""
 
 
-@dataclass(eq=False)
-class _Sequence:
+@dataclass(eq=False, kw_only=True)
+class _Sequence(SequenceState):
     request: GenerationRequest
     emit: Callable[[EngineOutput], None]
     is_cancelled: Callable[[], bool]
     sampler: Sampler
-    tokens: list[int]  # prompt + generated
-    prompt_length: int
-    reserved_tokens: int
     sent: int = 0  # generated ids already emitted (streaming)
-    admitted: bool = False  # holds a KV reservation
-    done: bool = False
+    finished: bool = False  # the final output was sent
     last_token_at: float = field(default_factory=time.perf_counter)  # submit time until the first token
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_length:]
-
-
-@dataclass
-class _Prefill:
-    group: PrefillGroup
-    sequences: list[_Sequence]
 
 
 @dataclass
@@ -116,23 +111,22 @@ class _Totals:
 
 
 class Engine:
-    """Continuous batching of generation requests over one ONNX decoder-with-past."""
+    """Continuous batching of generation requests over one ONNX decoder graph (builders/onnx_graph.py)."""
 
     def __init__(self, onnx_path: Path | str, settings: EngineSettings, end_id_default: int | None = None,
-                 pad_id_default: int = 0, token_timer: TokenTimer | None = None) -> None:
+                 token_timer: TokenTimer | None = None) -> None:
         settings.validate()
-        path = Path(onnx_path)
         self.settings = settings
-        self.runner = OnnxRunner(path / "model.onnx" if path.is_dir() else path, settings.intra_op_threads)
-        self.vocab_size = self.runner.vocab_size
+        self.executor = OnnxDecoder(onnx_path, settings.max_batch_size, settings.max_context_length,
+                                    settings.intra_op_threads)
+        self.vocab_size = self.executor.vocab_size
         self.end_id_default = end_id_default
-        self.pad_id = pad_id_default
         self.token_timer = token_timer
-        self._batch = DecodeBatch(self.runner)
-        self._running: list[_Sequence] = []  # aligned with the decode batch's rows
-        self._prefilling: list[_Prefill] = []
-        self._waiting: deque[_Sequence] = deque()
-        self._reserved_tokens = 0
+        self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_max_tokens)
+        self.scheduler = Scheduler(SchedulerLimits(settings.max_batch_size, settings.kv_cache_max_tokens,
+                                                   settings.prefill_chunk_tokens, settings.prefill_group_ratio),
+                                   self.prefix_cache)
+        self._incoming: deque[_Sequence] = deque()  # submitted, not yet handed to the scheduler (any thread)
         self._totals = _Totals()
         self._last_waiting_poll = 0.0
         self._stopping = False
@@ -149,9 +143,10 @@ class Engine:
         with self._wake:
             if self._stopping:
                 raise Unavailable("engine is shutting down; retry later")
-            if len(self._waiting) >= self.settings.max_queue_size:
-                raise Unavailable(f"engine queue is full ({len(self._waiting)} waiting); retry later")
-            self._waiting.append(sequence)
+            queued = len(self._incoming) + len(self.scheduler.waiting)
+            if queued >= self.settings.max_queue_size:
+                raise Unavailable(f"engine queue is full ({queued} waiting); retry later")
+            self._incoming.append(sequence)
             self._wake.notify()
 
     def _prepare(self, request: GenerationRequest, emit: Callable[[EngineOutput], None],
@@ -171,22 +166,26 @@ class Engine:
         if params.end_id is None and self.end_id_default is not None:
             params = replace(params, end_id=self.end_id_default)
         params.validate(self.vocab_size)
-        return _Sequence(request=request, emit=emit, is_cancelled=is_cancelled,
-                         sampler=Sampler(params, len(prompt)), tokens=prompt, prompt_length=len(prompt),
-                         reserved_tokens=len(prompt) + request.max_new_tokens)
+        return _Sequence(tokens=prompt, prompt_length=len(prompt),
+                         reserved_tokens=len(prompt) + request.max_new_tokens, tenant=request.tenant,
+                         request=request, emit=emit, is_cancelled=is_cancelled, sampler=Sampler(params, len(prompt)))
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters (read without stopping the loop)."""
-        counters = self.runner.counters
+        counters, pool, prefix = self.executor.counters, self.executor.pool, self.prefix_cache.stats
+        scheduler = self.scheduler
         with self._wake:
-            waiting = len(self._waiting)
+            waiting = len(self._incoming) + len(scheduler.waiting)
+            decoding, prefilling = len(scheduler.decoding), len(scheduler.prefilling)
         return EngineStats(
-            running=len(self._running), prefilling=sum(len(p.sequences) for p in self._prefilling), waiting=waiting,
-            kv_tokens_reserved=self._reserved_tokens, kv_tokens_in_use=int(self._batch.lengths.sum()),
-            kv_slots_allocated=self._batch.rows * self._batch.columns, decode_steps=counters.decode_steps,
+            running=decoding, prefilling=prefilling, waiting=waiting,
+            kv_tokens_reserved=scheduler.reserved_tokens,
+            kv_tokens_in_use=int(pool.lengths[:decoding + prefilling].sum()), decode_steps=counters.decode_steps,
             prompt_tokens=self._totals.prompt_tokens, tokens_generated=self._totals.tokens_generated,
-            prefill_padding_ratio=counters.prefill_padding_ratio, decode_padding_ratio=counters.decode_padding_ratio,
+            prefill_padding_ratio=counters.prefill_padding_ratio,
             decode_kv_bytes_per_step=counters.decode_kv_bytes / max(counters.decode_steps, 1),
+            kv_bytes_copied=pool.bytes_copied, prefix_lookup_tokens=prefix.lookup_tokens,
+            prefix_hit_tokens=prefix.hit_tokens, prefix_cached_tokens=self.prefix_cache.tokens,
             finished=dict(self._totals.finished))
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
@@ -201,10 +200,12 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not (self._waiting or self._running or self._prefilling):
+                while not self._stopping and not (self._incoming or self.scheduler.has_work):
                     self._wake.wait()
                 if self._stopping:
                     break
+                while self._incoming:
+                    self.scheduler.add(self._incoming.popleft())
             try:
                 self._iteration()
             except Exception as error:  # a failed run must not take the loop down: fail what was in flight
@@ -213,21 +214,49 @@ class Engine:
         shutting_down = Unavailable("engine is shutting down; retry later")
         self._fail_in_flight(shutting_down)
         with self._wake:
-            waiting, self._waiting = list(self._waiting), deque()
+            waiting = list(self._incoming) + list(self.scheduler.waiting)
+            self._incoming.clear()
+            self.scheduler.waiting.clear()
         for sequence in waiting:
             self._finish(sequence, FinishReason.ERROR, shutting_down)
 
     def _iteration(self) -> None:
         self._drop_cancelled()
-        self._admit()
-        self._run_prefill()
-        self._retire_done()
-        if self._running:
-            logits = self._batch.step(np.array([sequence.tokens[-1] for sequence in self._running]))
-            self._append_tokens(self._running, logits)
+        plan = self.scheduler.schedule()
+        self._execute(plan)
+        self.scheduler.update(plan)
+
+    def _execute(self, plan: StepPlan) -> None:
+        executor, pool = self.executor, self.executor.pool
+        for source, target in plan.moves:
+            pool.move(source, target)
+        for load in plan.loads:
+            for number, block in enumerate(load.blocks):
+                pool.write(load.slot, number * self.prefix_cache.block_tokens, block)
+        for run in plan.prefills:
+            self._prefill(run)
+        for store in plan.stores:
+            self.prefix_cache.store(store.key, pool.read(store.slot, store.start,
+                                                          store.start + self.prefix_cache.block_tokens))
+        if plan.decode:
+            logits = executor.decode([sequence.tokens[-1] for sequence in plan.decode])
+            self._append_tokens(plan.decode, logits)
+
+    def _prefill(self, run: PrefillRun) -> None:
+        sequences: list[_Sequence] = run.sequences  # type: ignore[assignment]
+        chunks = [sequence.tokens[start:end] for sequence, (start, end) in zip(sequences, run.ranges)]
+        if run.fresh:
+            logits = self.executor.prefill(run.first_slot, chunks)
+        else:
+            logits = self.executor.extend(run.first_slot, run.ranges[0][0], chunks[0])
+        completed = [row for row in range(len(sequences)) if run.completes(row)]
+        self._totals.prompt_tokens += sum(sequences[row].prompt_length for row in completed)
+        if completed:
+            self._append_tokens([sequences[row] for row in completed],
+                                logits if len(completed) == len(sequences) else logits[completed])
 
     def _drop_cancelled(self) -> None:
-        for sequence in self._running + [s for p in self._prefilling for s in p.sequences]:
+        for sequence in self.scheduler.in_flight():
             if not sequence.done and sequence.is_cancelled():
                 self._finish(sequence, FinishReason.CANCELLED)
         now = time.monotonic()
@@ -235,54 +264,9 @@ class Engine:
             return
         self._last_waiting_poll = now
         with self._wake:
-            cancelled = [sequence for sequence in self._waiting if sequence.is_cancelled()]
-            for sequence in cancelled:
-                self._waiting.remove(sequence)
+            cancelled = self.scheduler.drop_waiting(lambda sequence: sequence.is_cancelled())
         for sequence in cancelled:
             self._finish(sequence, FinishReason.CANCELLED)
-
-    def _admit(self) -> None:
-        """Move waiting requests in arrival order into prefill groups while batch size and KV budget allow."""
-        admitted: list[_Sequence] = []
-        in_flight = len(self._running) + sum(len(p.sequences) for p in self._prefilling)
-        with self._wake:
-            while self._waiting and in_flight + len(admitted) < self.settings.max_batch_size:
-                head = self._waiting[0]
-                if self._reserved_tokens + head.reserved_tokens > self.settings.kv_cache_max_tokens:
-                    break  # the head waits for KV to free up; later requests do not overtake it
-                admitted.append(self._waiting.popleft())
-                head.admitted = True
-                self._reserved_tokens += head.reserved_tokens
-        for group in self._group_by_length(admitted):
-            self._totals.prompt_tokens += sum(sequence.prompt_length for sequence in group)
-            prefill = self.runner.start_prefill([sequence.tokens for sequence in group], self.pad_id)
-            self._prefilling.append(_Prefill(prefill, group))
-
-    def _group_by_length(self, sequences: list[_Sequence]) -> list[list[_Sequence]]:
-        """Runs of similar prompt lengths (longest <= shortest * prefill_group_ratio), so padding stays small."""
-        groups: list[list[_Sequence]] = []
-        for sequence in sorted(sequences, key=lambda s: s.prompt_length):
-            if groups and sequence.prompt_length <= groups[-1][0].prompt_length * self.settings.prefill_group_ratio:
-                groups[-1].append(sequence)
-            else:
-                groups.append([sequence])
-        return groups
-
-    def _run_prefill(self) -> None:
-        """Spend up to prefill_chunk_tokens on prefill (at least one chunk); finished groups join the decode batch."""
-        budget = full = self.settings.prefill_chunk_tokens
-        for prefill in self._prefilling:
-            group = prefill.group
-            while not group.finished and (budget >= group.rows or budget == full):
-                budget -= self.runner.prefill_step(group, budget)
-        finished = [prefill for prefill in self._prefilling if prefill.group.finished]
-        if not finished:
-            return
-        self._prefilling = [prefill for prefill in self._prefilling if not prefill.group.finished]
-        self._batch.merge([prefill.group for prefill in finished])
-        for prefill in finished:
-            self._running.extend(prefill.sequences)
-            self._append_tokens(prefill.sequences, prefill.group.last_logits)
 
     def _append_tokens(self, sequences: list[_Sequence], logits: np.ndarray) -> None:
         """Sample the next token of every live sequence from its logits row, emit it, finish where due."""
@@ -315,11 +299,6 @@ class Engine:
             sequence.last_token_at = now
         self.token_timer.record(first, gaps)
 
-    def _retire_done(self) -> None:
-        keep = [row for row, sequence in enumerate(self._running) if not sequence.done]
-        if len(keep) < len(self._running):
-            self._running = [self._running[row] for row in self._batch.retire(keep)]
-
     # ---- outputs ----------------------------------------------------------------------------------------------
 
     @staticmethod
@@ -332,12 +311,10 @@ class Engine:
         return EngineOutput(context + new, len(context), final, reason)
 
     def _finish(self, sequence: _Sequence, reason: FinishReason, error: Exception | None = None) -> None:
-        """Release the sequence's KV reservation and send its final output."""
-        if sequence.done:
+        """Mark the sequence done (the scheduler frees its slot and KV at the next step) and send its final output."""
+        if sequence.finished:
             return
-        sequence.done = True
-        if sequence.admitted:
-            self._reserved_tokens -= sequence.reserved_tokens
+        sequence.done = sequence.finished = True
         self._totals.finished[reason.value] = self._totals.finished.get(reason.value, 0) + 1
         if reason in (FinishReason.CANCELLED, FinishReason.ERROR):
             self._send(sequence, EngineOutput([], 0, True, reason, error))
@@ -354,12 +331,12 @@ class Engine:
             sequence.emit(output)
         except Exception:  # the client is gone: stop spending steps on it
             log.exception("emit failed; dropping the sequence")
-            if not sequence.done:
+            if not sequence.finished:
                 self._finish(sequence, FinishReason.CANCELLED)
 
     def _fail_in_flight(self, error: Exception) -> None:
-        for sequence in self._running + [s for p in self._prefilling for s in p.sequences]:
+        """Fail every admitted sequence and start over with empty slots."""
+        for sequence in self.scheduler.in_flight():
             self._finish(sequence, FinishReason.ERROR, error)
-        self._prefilling = []
-        self._running = []
-        self._batch = DecodeBatch(self.runner)
+        self.scheduler.clear_in_flight()
+        self.executor.pool.lengths[:] = 0

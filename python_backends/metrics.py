@@ -12,8 +12,10 @@ can join them. Names follow Prometheus conventions (base units, `_seconds`, `_to
 | `tritonllm_request_finished_total{reason}` | counter | sequences finished, by FinishReason value |
 | `tritonllm_requests_running` | gauge | sequences decoding or reading their prompt |
 | `tritonllm_requests_waiting` | gauge | sequences queued for admission |
-| `tritonllm_kv_cache_tokens` | gauge | real tokens held in the decode batch's KV cache |
-| `tritonllm_kv_cache_allocated_tokens` | gauge | KV slots allocated (rows x columns, left padding included) |
+| `tritonllm_prefix_cache_lookup_tokens_total` | counter | prompt tokens looked up in the prefix cache |
+| `tritonllm_prefix_cache_hit_tokens_total` | counter | of those, KV loaded from cached blocks instead of computed |
+| `tritonllm_kv_cache_tokens` | gauge | tokens held in the KV slots of admitted sequences |
+| `tritonllm_prefix_cache_tokens` | gauge | prompt-prefix tokens whose KV is kept for reuse |
 | `tritonllm_kv_cache_reserved_tokens` | gauge | prompt + max new tokens of every admitted sequence |
 | `tritonllm_kv_cache_capacity_tokens` | gauge | the KV budget (kv_cache_max_tokens) |
 | `tritonllm_kv_cache_usage_ratio` | gauge | reserved / capacity: at 1 new requests wait |
@@ -60,14 +62,18 @@ COUNTERS = {
     "prompt_tokens": MetricSpec("tritonllm_prompt_tokens_total", "COUNTER", "Prompt tokens admitted to prefill"),
     "generation_tokens": MetricSpec("tritonllm_generation_tokens_total", "COUNTER",
                                     "Tokens sampled by the engine (an end token included)"),
+    "prefix_lookup_tokens": MetricSpec("tritonllm_prefix_cache_lookup_tokens_total", "COUNTER",
+                                       "Prompt tokens looked up in the prefix cache"),
+    "prefix_hit_tokens": MetricSpec("tritonllm_prefix_cache_hit_tokens_total", "COUNTER",
+                                    "Prompt tokens whose KV came from the prefix cache instead of being computed"),
 }
 FINISHED = MetricSpec("tritonllm_request_finished_total", "COUNTER", "Sequences finished, by reason")
 GAUGES = {
     "running": MetricSpec("tritonllm_requests_running", "GAUGE", "Sequences decoding or reading their prompt"),
     "waiting": MetricSpec("tritonllm_requests_waiting", "GAUGE", "Sequences queued for admission"),
     "kv_tokens": MetricSpec("tritonllm_kv_cache_tokens", "GAUGE", "Real tokens held in the KV cache"),
-    "kv_allocated": MetricSpec("tritonllm_kv_cache_allocated_tokens", "GAUGE",
-                               "KV cache slots allocated, left padding included"),
+    "prefix_cached": MetricSpec("tritonllm_prefix_cache_tokens", "GAUGE",
+                                "Prompt-prefix tokens whose KV is kept for reuse"),
     "kv_reserved": MetricSpec("tritonllm_kv_cache_reserved_tokens", "GAUGE",
                               "Prompt + max new tokens of every admitted sequence"),
     "kv_capacity": MetricSpec("tritonllm_kv_cache_capacity_tokens", "GAUGE", "KV cache budget in tokens"),
@@ -103,10 +109,13 @@ def counter_increments(previous: EngineStats | None, current: EngineStats) -> di
 
     Only positive increments are listed: Prometheus counters never go down (and the stub aborts on a negative one).
     """
-    totals = {"prompt_tokens": current.prompt_tokens, "generation_tokens": current.tokens_generated,
-              **current.finished}
-    before = {} if previous is None else {"prompt_tokens": previous.prompt_tokens,
-                                          "generation_tokens": previous.tokens_generated, **previous.finished}
+    def totals_of(stats: EngineStats) -> dict[str, int]:
+        return {"prompt_tokens": stats.prompt_tokens, "generation_tokens": stats.tokens_generated,
+                "prefix_lookup_tokens": stats.prefix_lookup_tokens, "prefix_hit_tokens": stats.prefix_hit_tokens,
+                **stats.finished}
+
+    totals = totals_of(current)
+    before = {} if previous is None else totals_of(previous)
     moved = {key: value - before.get(key, 0) for key, value in totals.items()}
     return {key: delta for key, delta in moved.items() if delta > 0}
 
@@ -114,7 +123,7 @@ def counter_increments(previous: EngineStats | None, current: EngineStats) -> di
 def gauge_values(stats: EngineStats, kv_capacity_tokens: int) -> dict[str, float]:
     """The value of each gauge (GAUGES keys) in a snapshot."""
     return {"running": stats.running + stats.prefilling, "waiting": stats.waiting,
-            "kv_tokens": stats.kv_tokens_in_use, "kv_allocated": stats.kv_slots_allocated,
+            "kv_tokens": stats.kv_tokens_in_use, "prefix_cached": stats.prefix_cached_tokens,
             "kv_reserved": stats.kv_tokens_reserved, "kv_capacity": kv_capacity_tokens,
             "kv_usage": stats.kv_tokens_reserved / kv_capacity_tokens}
 

@@ -125,7 +125,7 @@ def embedder(embedder_dir):
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory) -> Path:
-    """A tiny random Llama exported to ONNX (last-position logits only), once per session."""
+    """A tiny random Llama built into the engine's ONNX graph, once per session."""
     from support import export_tiny_llama
 
-    return export_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), last_logits_only=True)
+    return export_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -93,12 +93,12 @@ def make_artifacts(root: Path) -> dict[str, Path]:
     return {"tokenizer_dir": tokenizer_dir, "onnx_dir": onnx_dir, "embedder_dir": embedder_dir}
 
 
-def export_tiny_llama(root: Path, last_logits_only: bool) -> Path:
-    """A tiny random Llama (vocab TINY_VOCAB) exported to ONNX with the project's exporter; returns the ONNX folder."""
+def export_tiny_llama(root: Path) -> Path:
+    """A tiny random Llama (vocab TINY_VOCAB) built into the engine's fp32 ONNX graph; returns the ONNX folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tritonllm.builders.onnx_export import export_decoder
+    from tritonllm.builders.onnx_graph import write_decoder
 
     torch.manual_seed(0)
     # initializer_range 0.1 spreads the logits (top-2 gap ~0.13) so fp32 noise from batching cannot flip an argmax.
@@ -106,7 +106,9 @@ def export_tiny_llama(root: Path, last_logits_only: bool) -> Path:
                          num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=512,
                          initializer_range=0.1)
     LlamaForCausalLM(config).save_pretrained(root / "hf")
-    return export_decoder(root / "hf", root / "onnx", "fp32", last_logits_only=last_logits_only)
+    (root / "onnx").mkdir()
+    write_decoder(root / "hf", root / "onnx", "fp32")
+    return root / "onnx"
 
 
 def save_tiny_model(folder: Path, model_type: str = "llama") -> Path:

@@ -1,20 +1,18 @@
-"""ONNX export with KV cache and its gates, on tiny random models with SmolLM2's tokenizer (real SmolLM2: `slow`)."""
+"""The decoder graph builder (builders/onnx_graph.py) and its gates, on tiny random models with SmolLM2's tokenizer."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
 from tritonllm.builders.errors import BuildError
-from tritonllm.builders.onnx_export import (METADATA_FILE, ONNX_FILE, export_decoder, grouped_attention,
-                                            load_causal_lm)
-from tritonllm.builders.parity import (LeftPaddedBatch, OnnxDecoderRunner, check_parity, continue_batch,
-                                       greedy_agreement, left_pad, sample_prompts)
+from tritonllm.builders.onnx_graph import DecoderGeometry, write_decoder
+from tritonllm.builders.parity import agreement, check_parity
+from tritonllm.python_backends.onnx_runner import ONNX_FILE, OnnxDecoder, past_names, present_names
 
 
 def save_tiny_model(folder: Path, model_type: str = "llama") -> Path:
@@ -46,57 +44,38 @@ def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+def build(hf_dir: Path, out_dir: Path, precision: str = "fp32") -> Path:
+    out_dir.mkdir(parents=True)
+    write_decoder(hf_dir, out_dir, precision)
+    return out_dir
+
+
 @pytest.fixture(scope="module")
 def fp32_dir(tiny_dir, tmp_path_factory) -> Path:
-    return export_decoder(tiny_dir, tmp_path_factory.mktemp("export") / "onnx-fp32")
-
-
-def prompt_tokens(hf_dir: Path, count: int) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    return [tokenizer(prompt)["input_ids"] for prompt in sample_prompts(count)]
+    return build(tiny_dir, tmp_path_factory.mktemp("graph") / "onnx-fp32")
 
 
 def test_graph_has_the_engine_contract(fp32_dir):
-    graph = onnx.load(fp32_dir / ONNX_FILE, load_external_data=False).graph
-    dims = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-            for value in [*graph.input, *graph.output]}
-    assert [value.name for value in graph.input] == [
-        "input_ids", "attention_mask", "position_ids",
-        "past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
-    assert [value.name for value in graph.output] == [
-        "logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
-    assert dims["input_ids"] == ["batch", "sequence"]
-    assert dims["attention_mask"] == ["batch", "past_sequence + sequence"]
-    assert dims["past_key_values.0.key"] == ["batch", 2, "past_sequence", 16]
-    assert dims["present.1.value"] == ["batch", 2, "past_sequence + sequence", 16]
-    assert dims["logits"] == ["batch", 1, 49152]  # last position only
-    metadata = json.loads((fp32_dir / METADATA_FILE).read_text())
-    assert metadata == {"precision": "fp32", "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 49152,
-                        "cache_dtype": "float32", "last_logits_only": True}
-
-
-def test_grouped_attention_equals_eager_attention():
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    torch.manual_seed(1)
-    query, key, value = torch.randn(2, 6, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
-    mask = torch.zeros(2, 1, 3, 5)
-    mask[1, :, :, :2] = torch.finfo(torch.float32).min  # left padding of the second row
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.training = 3, False
-    expected, _ = eager_attention_forward(module, query, key, value, mask, scaling=0.3)
-    actual, _ = grouped_attention(module, query, key, value, mask, scaling=0.3)
-    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    model = onnx.load(fp32_dir / ONNX_FILE, load_external_data=False)
+    inputs = {value.name: value for value in model.graph.input}
+    outputs = [value.name for value in model.graph.output]
+    assert list(inputs) == ["input_ids", "seqlens_k", "total_sequence_length", "logits_index", *past_names(2)]
+    assert outputs == ["logits", *present_names(2)]
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 4
+    assert ops.count("MatMul") == 2 * 4 + 1  # packed qkv, o, packed gate/up, down per layer + lm_head
+    cache_dims = [dim.dim_param or dim.dim_value for dim in inputs["past_key_values.0.key"].type.tensor_type.shape.dim]
+    assert cache_dims == ["batch", 2, "max_length", 16]
+    geometry = DecoderGeometry.load(fp32_dir)
+    assert (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.precision) == (2, 2, 16, "fp32")
 
 
 def test_parity_passes_for_fp32(tiny_dir, fp32_dir):
     report = check_parity(tiny_dir, fp32_dir, batch=3, decode_steps=3, tolerance=1e-4)
     assert report.passed
     assert [step.step for step in report.steps] == [
-        "prefill chunk 1", "prefill chunk 2", "decode 1", "decode 2", "decode 3"]
-    assert len(set(report.prompt_lengths)) == 3  # rows of different lengths: left padding is exercised
+        "prefill (right-padded batch)", "prefill chunk of 2", "decode 1", "decode 2", "decode 3"]
+    assert len(set(report.prompt_lengths)) == 3  # rows of different lengths: right padding is exercised
     assert report.steps[1].past_length > 0 and report.steps[1].new_tokens == 2
     assert all(step.same_argmax for step in report.steps)
     assert json.loads(report.to_json())["passed"] is True
@@ -104,84 +83,44 @@ def test_parity_passes_for_fp32(tiny_dir, fp32_dir):
 
 def test_parity_fails_clearly_on_damaged_weights(tiny_dir, fp32_dir, tmp_path):
     model = onnx.load(fp32_dir / ONNX_FILE)  # with its external data
-    # One projection weight of a layer (the exporter names them val_*), scaled by 1.5.
-    weight = next(init for init in model.graph.initializer if len(init.dims) == 2 and "lm_head" not in init.name)
+    weight = next(init for init in model.graph.initializer if init.name.endswith("qkv_proj.weight"))
     weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 1.5, weight.name))
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     onnx.save(model, damaged / ONNX_FILE, save_as_external_data=True, location="model.onnx.data")
-    with pytest.raises(BuildError, match=r"parity check failed .* at step '.+' .* max \|logit difference\| vs "
+    with pytest.raises(BuildError, match=r"parity check failed .* at step '.+' max \|logit difference\| vs "
                                          r"torch fp32 is .* allowed 0.0001"):
         check_parity(tiny_dir, damaged, tolerance=1e-4)
 
 
-def test_left_padding_and_chunked_prefill_match_each_prompt_alone(tiny_dir, fp32_dir):
-    """Rows of a left-padded batch, prefilled in chunks of 3 columns and then decoded, give the logits torch gives
-    for each prompt run alone and unpadded."""
-    prompts = [tokens[:length] for tokens, length in zip(prompt_tokens(tiny_dir, 3), (5, 12, 9))]
-    runner = OnnxDecoderRunner(fp32_dir)
-    runner.reset(len(prompts))
-    padded = left_pad(prompts, pad_id=2)
-    for start in range(0, padded.input_ids.shape[1], 3):
-        end = start + 3
-        chunk = LeftPaddedBatch(padded.input_ids[:, start:end], padded.attention_mask[:, :end],
-                             padded.position_ids[:, start:end])
-        logits = runner.step(chunk)
-    sequences = [list(prompt) for prompt in prompts]
-    attention_mask = padded.attention_mask
-    for _ in range(2):  # two decode steps on the chunked cache
-        next_ids = logits.argmax(-1)
-        for sequence, token in zip(sequences, next_ids):
-            sequence.append(int(token))
-        step = continue_batch(attention_mask, next_ids[:, None])
-        attention_mask = step.attention_mask
-        logits = runner.step(step)
-    assert all(np.isfinite(array).all() for array in runner.past)  # padding rows never produce NaN keys/values
-
-    model = load_causal_lm(tiny_dir)
-    for row, sequence in enumerate(sequences):
-        with torch.no_grad():
-            expected = model(torch.tensor([sequence])).logits[0, -1].numpy()
-        np.testing.assert_allclose(logits[row], expected, atol=1e-4)
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_graphs_quantize_every_weight_and_are_scored_against_fp32(tiny_dir, fp32_dir, tmp_path,
+                                                                           precision):
+    quantized = build(tiny_dir, tmp_path / precision, precision)
+    graph = onnx.load(quantized / ONNX_FILE, load_external_data=False).graph
+    nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 * 4 + 1 and not any(node.op_type == "MatMul" for node in graph.node)
+    bits = {node.name: next(a.i for a in node.attribute if a.name == "bits") for node in nbits}
+    assert bits.pop("lm_head_Q8") == 8
+    assert set(bits.values()) == {int(precision[3:])}  # int4 keeps lm_head, the logits' GEMM, in 8 bits
+    assert DecoderGeometry.load(quantized).precision == precision
+    texts = ["The river flows through the old town, past the market and the church, and on to the sea beyond "
+             "the hills where the fishermen keep their boats."]
+    same = agreement(fp32_dir, fp32_dir, tiny_dir, texts, context_tokens=8, scored_tokens=16)
+    assert same.top1_agreement == 1.0 and same.perplexity_increase == 0.0 and same.scored_tokens > 0
+    scored = agreement(fp32_dir, quantized, tiny_dir, texts, context_tokens=8, scored_tokens=16)
+    assert 0.0 <= scored.top1_agreement <= 1.0 and scored.candidate_perplexity > 0
 
 
-def test_full_logits_option_returns_every_position(tiny_dir, tmp_path):
-    onnx_dir = export_decoder(tiny_dir, tmp_path / "onnx-full", last_logits_only=False)
-    tokens = prompt_tokens(tiny_dir, 1)[0][:7]
-    runner = OnnxDecoderRunner(onnx_dir)
-    runner.reset(1)
-    batch = left_pad([tokens], pad_id=2)
-    feed = dict(zip(runner.input_names, [batch.input_ids, batch.attention_mask, batch.position_ids, *runner.past]))
-    logits = runner.session.run(["logits"], feed)[0]
-    with torch.no_grad():
-        expected = load_causal_lm(tiny_dir)(torch.tensor([tokens])).logits.numpy()
-    assert logits.shape == (1, 7, 49152)
-    np.testing.assert_allclose(logits, expected, atol=1e-4)
-
-
-def test_int8_export_runs_and_quantizes_every_weight(tiny_dir, fp32_dir, tmp_path):
-    int8_dir = export_decoder(tiny_dir, tmp_path / "onnx-int8", "int8", fp32_dir=fp32_dir)
-    graph = onnx.load(int8_dir / ONNX_FILE, load_external_data=False).graph
-    ops = [node.op_type for node in graph.node]
-    assert ops.count("MatMulNBits") == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + the tied lm_head
-    assert not any(node.op_type == "Transpose" and "lm_head" in node.input[0] for node in graph.node)
-    assert json.loads((int8_dir / METADATA_FILE).read_text())["precision"] == "int8"
-    prompts = sample_prompts(4)
-    assert greedy_agreement(fp32_dir, fp32_dir, prompts, 4, tokenizer_dir=tiny_dir) == 1.0
-    agreement = greedy_agreement(fp32_dir, int8_dir, prompts, 4, tokenizer_dir=tiny_dir)
-    assert 0.0 <= agreement <= 1.0
-
-
-def test_bf16_and_unknown_precisions_are_refused_with_the_reason(tiny_dir, tmp_path):
-    with pytest.raises(BuildError, match="no bfloat16 kernels.*choose fp32 or int8"):
-        export_decoder(tiny_dir, tmp_path / "onnx-bf16", "bf16")
-    with pytest.raises(BuildError, match="precision = 'fp16' is not supported; allowed: fp32, int8, bf16"):
-        export_decoder(tiny_dir, tmp_path / "onnx-fp16", "fp16")
-    assert not any(tmp_path.iterdir())  # nothing half-written
+def test_unknown_precisions_are_refused_with_what_is_allowed(tiny_dir, tmp_path):
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(BuildError, match=f"precision = '{precision}' is not supported; allowed: fp32, int8, int4"):
+            write_decoder(tiny_dir, tmp_path, precision)
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_onnx_runtime_really_lacks_bf16_kernels():
-    """The reason bf16 is refused, checked against the installed ONNX Runtime: if this fails, bf16 may be possible."""
+    """Why bf16 is not offered, checked against the installed ONNX Runtime: if this fails, bf16 may be possible."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -194,16 +133,32 @@ def test_onnx_runtime_really_lacks_bf16_kernels():
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
-def test_other_supported_families_export_with_parity(model_type, tmp_path):
+def test_other_supported_families_build_with_parity(model_type, tmp_path):
     hf_dir = save_tiny_model(tmp_path / model_type, model_type)
-    onnx_dir = export_decoder(hf_dir, tmp_path / "onnx")
-    assert check_parity(hf_dir, onnx_dir, tolerance=1e-4).passed
+    assert check_parity(hf_dir, build(hf_dir, tmp_path / "onnx"), tolerance=1e-4).passed
 
 
-def test_export_is_atomic_when_it_fails(tmp_path):
+def test_an_architecture_the_builder_cannot_serve_is_refused_by_name(tmp_path):
+    hf_dir = save_tiny_model(tmp_path / "gemma", "gemma")
+    with pytest.raises(BuildError, match="model_type 'gemma' is not supported by the ONNX graph builder; "
+                                         "supported: llama, qwen2, mistral"):
+        write_decoder(hf_dir, tmp_path, "fp32")
+
+
+def test_a_broken_model_folder_is_refused_clearly(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
-    with pytest.raises(BuildError, match="cannot load the model in .*broken"):
-        export_decoder(broken, tmp_path / "out")
-    assert [path.name for path in tmp_path.iterdir()] == ["broken"]
+    with pytest.raises(BuildError, match="cannot"):
+        write_decoder(broken, tmp_path, "fp32")
+
+
+def test_executor_refuses_a_graph_of_another_contract(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "other",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.INT64, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / ONNX_FILE)
+    with pytest.raises(ValueError, match="is not a tritonllm decoder graph"):
+        OnnxDecoder(tmp_path, slots=1, max_length=8)

@@ -34,7 +34,7 @@ def cache_repository(tmp_path_factory, embedder_dir) -> Path:
 
     root = tmp_path_factory.mktemp("cache-server")
     settings = RepositorySettings(
-        tokenizer_dir=prepare_hf_model(None, cache_dir()), onnx_dir=export_tiny_llama(root / "tiny", True),
+        tokenizer_dir=prepare_hf_model(None, cache_dir()), onnx_dir=export_tiny_llama(root / "tiny"),
         embedder_dir=embedder_dir,
         engine=EngineSettings(max_batch_size=8, max_context_length=512, kv_cache_max_tokens=8192, intra_op_threads=1),
         cache=CacheSettings(similarity_threshold=0.9, snapshot_interval_seconds=3600.0))

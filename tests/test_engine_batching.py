@@ -14,18 +14,18 @@ from tritonllm.contract import EngineSettings
 from tritonllm.python_backends.detokenizer import ENGINE_CONTEXT_TOKENS
 from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
-from tritonllm.python_backends.onnx_runner import DecodeBatch, OnnxRunner
+from tritonllm.python_backends.onnx_runner import OnnxDecoder
 from tritonllm.python_backends.sampling import SamplingParams
 from tritonllm.python_backends.stop_criteria import FinishReason
 
 VOCAB = 49152
 
 
-def _export_tiny_llama(root: Path, last_logits_only: bool) -> Path:
+def _build_tiny_llama(root: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tritonllm.builders.onnx_export import export_decoder
+    from tritonllm.builders.onnx_graph import write_decoder
 
     torch.manual_seed(0)
     # initializer_range 0.1 spreads the logits (top-2 gap ~0.13) so fp32 noise from batching cannot flip an argmax.
@@ -33,17 +33,14 @@ def _export_tiny_llama(root: Path, last_logits_only: bool) -> Path:
                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
                          initializer_range=0.1)
     LlamaForCausalLM(config).save_pretrained(root / "hf")
-    return export_decoder(root / "hf", root / "onnx", "fp32", last_logits_only=last_logits_only)
+    (root / "onnx").mkdir()
+    write_decoder(root / "hf", root / "onnx", "fp32")
+    return root / "onnx"
 
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory) -> Path:
-    return _export_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), last_logits_only=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx_all_logits(tmp_path_factory) -> Path:
-    return _export_tiny_llama(tmp_path_factory.mktemp("tiny-llama-all"), last_logits_only=False)
+    return _build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def settings(**changes) -> EngineSettings:
@@ -91,77 +88,56 @@ def greedy(prompt: list[int], max_new_tokens: int, **request) -> GenerationReque
     return GenerationRequest(prompt, max_new_tokens, exclude_input_in_output=True, **request)
 
 
-def test_runner_reads_the_model_facts(tiny_onnx, tiny_onnx_all_logits):
-    runner = OnnxRunner(tiny_onnx / "model.onnx")
-    assert (runner.num_layers, runner.kv_heads, runner.head_dim, runner.vocab_size) == (2, 2, 16, VOCAB)
-    assert runner.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
-    assert not runner.logits_all_positions
-    assert OnnxRunner(tiny_onnx_all_logits / "model.onnx").logits_all_positions
+def test_executor_reads_the_model_facts(tiny_onnx):
+    executor = OnnxDecoder(tiny_onnx, slots=4, max_length=128)
+    assert (executor.num_layers, executor.kv_heads, executor.head_dim, executor.vocab_size) == (2, 2, 16, VOCAB)
+    assert executor.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+    assert [buffer.shape for buffer in executor.pool.buffers] == [(4, 2, 128, 16)] * 4
 
 
-def test_chunked_prefill_matches_whole_prefill_for_both_logits_layouts(tiny_onnx, tiny_onnx_all_logits):
-    group_prompts = prompts(3, seed=1, shortest=20, longest=40)
-    whole = OnnxRunner(tiny_onnx / "model.onnx").prefill(group_prompts, pad_id=0, chunk_tokens=10_000)
-    for path in (tiny_onnx, tiny_onnx_all_logits):
-        runner = OnnxRunner(path / "model.onnx")
-        chunked = runner.prefill(group_prompts, pad_id=0, chunk_tokens=3 * 7)  # 7 columns per chunk
-        assert runner.counters.prefill_runs == -(-chunked.columns // 7)
-        np.testing.assert_allclose(chunked.last_logits, whole.last_logits, atol=1e-5)
-        real = whole.attention_mask.astype(bool)  # padding columns hold whatever the masked rows computed
-        for chunked_kv, whole_kv in zip(chunked.cache, whole.cache):
-            np.testing.assert_allclose(chunked_kv.transpose(0, 2, 1, 3)[real], whole_kv.transpose(0, 2, 1, 3)[real],
-                                       atol=1e-5)
+def _greedy_alone(executor: OnnxDecoder, prompt: list[int], steps: int) -> list[int]:
+    tokens = [int(executor.prefill(0, [prompt])[0].argmax())]
+    for _ in range(steps):
+        tokens.append(int(executor.decode(tokens[-1:])[0].argmax()))
+    return tokens
 
 
-def test_decode_batch_merge_and_retire_keep_every_row_exact(tiny_onnx):
-    runner = OnnxRunner(tiny_onnx / "model.onnx")
-    rng = np.random.default_rng(2)
-    rows = [rng.integers(3, VOCAB, length).tolist() for length in (25, 6, 4, 30, 3)]
+def test_chunked_and_batched_prefill_match_one_whole_prompt(tiny_onnx):
+    executor = OnnxDecoder(tiny_onnx, slots=4, max_length=128)
+    rows = prompts(3, seed=1, shortest=20, longest=40)
+    alone = np.concatenate([executor.prefill(0, [prompt]) for prompt in rows])
+    batched = executor.prefill(0, rows)  # right-padded in one run
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    assert executor.pool.lengths[:3].tolist() == [len(prompt) for prompt in rows]
+    for slot, prompt in enumerate(rows):  # a fresh chunk of 7, then continuations of 7 on top of the slot
+        logits = executor.prefill(slot, [prompt[:7]])
+        for start in range(7, len(prompt), 7):
+            logits = executor.extend(slot, start, prompt[start:start + 7])
+        np.testing.assert_allclose(logits[0], alone[slot], atol=1e-5)
 
-    def alone(prompt: list[int], steps: int) -> list[int]:
-        batch = DecodeBatch(runner)
-        group = runner.prefill([prompt], 0, 1000)
-        batch.merge([group])
-        tokens = [int(group.last_logits[0].argmax())]
-        for _ in range(steps):
-            tokens.append(int(batch.step(np.array(tokens[-1:]))[0].argmax()))
-        return tokens
 
-    expected = [alone(prompt, 10) for prompt in rows]
-    batch = DecodeBatch(runner)
-    tokens: list[list[int]] = []
-    owners: list[int] = []
-
-    def join(members: list[int]) -> None:
-        group = runner.prefill([rows[member] for member in members], 0, 1000)
-        batch.merge([group])
-        tokens.extend([int(t)] for t in group.last_logits.argmax(axis=1))
-        owners.extend(members)
-
-    def leave(members: list[int]) -> None:
-        order = batch.retire([row for row, owner in enumerate(owners) if owner not in members])
-        tokens[:], owners[:] = [tokens[row] for row in order], [owners[row] for row in order]
-
-    join([0, 1])
+def test_decode_over_slots_of_different_lengths_and_slot_moves_keep_every_row_exact(tiny_onnx):
+    executor = OnnxDecoder(tiny_onnx, slots=5, max_length=128)
+    rows = prompts(5, seed=2, shortest=3, longest=30)
+    expected = [_greedy_alone(executor, prompt, 10) for prompt in rows]
+    first = executor.prefill(0, rows)
+    tokens = [[int(row.argmax())] for row in first]
+    owners = list(range(5))
+    attended_bytes, counted_before, copied_before = 0, executor.counters.decode_kv_bytes, executor.pool.bytes_copied
     for step in range(10):
-        if step == 2:  # wider than the batch: every running row is re-padded
-            join([2, 3])
-        if step == 4:  # a short row leaves in place: the last row moves into its slot
-            leave([1])
-            assert owners == [0, 3, 2]
-        if step == 6:  # the long rows leave: the remaining row's leading padding is trimmed
-            leave([0, 3])
-            assert batch.columns == int(batch.lengths.max())
-        if step == 7:  # narrower than the batch: appended in place
-            relayout_before = runner.counters.relayout_bytes
-            join([4])
-            assert runner.counters.relayout_bytes - relayout_before == sum(kv[1:].nbytes for kv in batch.cache)
-        logits = batch.step(np.array([t[-1] for t in tokens]))
+        if step == 4:  # the sequence in slot 1 retires; the last slot moves into the hole
+            moved_tokens = int(executor.pool.lengths[4])
+            executor.pool.move(4, 1)
+            owners, tokens = [owners[0], owners[4], owners[2], owners[3]], [tokens[0], tokens[4], tokens[2], tokens[3]]
+        logits = executor.decode([row_tokens[-1] for row_tokens in tokens])
+        attended_bytes += int(executor.pool.lengths[:len(tokens)].sum()) * executor.kv_bytes_per_token
         for row_tokens, row_logits in zip(tokens, logits):
             row_tokens.append(int(row_logits.argmax()))
     for owner, row_tokens in zip(owners, tokens):
         assert row_tokens == expected[owner][:len(row_tokens)]
-    assert runner.counters.decode_kv_padding_slots > 0
+    # A step reads each row's past and writes its one new token in place; a move copies only the tokens held.
+    assert executor.counters.decode_kv_bytes - counted_before == attended_bytes
+    assert executor.pool.bytes_copied - copied_before == moved_tokens * executor.kv_bytes_per_token
 
 
 def test_greedy_batched_equals_greedy_alone_with_staggered_arrivals(tiny_onnx):
@@ -356,7 +332,7 @@ def test_chunked_prefill_gives_the_same_tokens_as_unchunked(tiny_onnx):
                 engine.submit(request, collector.emit)
             for collector in collectors:
                 collector.wait()
-            return [collector.generated for collector in collectors], engine.runner.counters.prefill_runs
+            return [collector.generated for collector in collectors], engine.executor.counters.prefill_runs
         finally:
             engine.shutdown()
 
@@ -394,3 +370,44 @@ def test_shutdown_ends_every_request_with_unavailable(tiny_onnx):
         assert final.finish_reason is FinishReason.ERROR and isinstance(final.error, Unavailable)
     with pytest.raises(Unavailable, match="shutting down"):
         engine.submit(greedy([5], 1), Collector().emit)
+
+
+def _generate_all(engine: Engine, requests: list[GenerationRequest]) -> list[list[int]]:
+    collectors = [Collector() for _ in requests]
+    for request, collector in zip(requests, collectors):
+        engine.submit(request, collector.emit)
+    for collector in collectors:
+        collector.wait()
+    return [collector.generated for collector in collectors]
+
+
+def test_prefix_reuse_gives_the_same_greedy_tokens_and_skips_the_shared_prefix(tiny_onnx):
+    shared = prompts(1, seed=20, shortest=70, longest=70)[0]
+    requests = [greedy(shared + tail, 6) for tail in prompts(8, seed=21, shortest=1, longest=20)]
+    outputs, hits = {}, {}
+    for reuse in (False, True):
+        engine = Engine(tiny_onnx, settings(prefix_cache_max_tokens=4096 if reuse else 0, prefix_block_tokens=16))
+        try:
+            first = run(engine, requests[0]).generated  # computes (and, with reuse, stores) the shared prefix
+            outputs[reuse] = [first] + _generate_all(engine, requests[1:])
+            hits[reuse] = engine.stats().prefix_hit_tokens
+        finally:
+            engine.shutdown()
+    assert outputs[True] == outputs[False]
+    assert hits[False] == 0
+    assert hits[True] == 7 * (70 // 16) * 16  # every later request reuses the shared prefix's full blocks
+
+
+def test_a_cached_prefix_never_serves_another_tenant(tiny_onnx):
+    prompt = prompts(1, seed=22, shortest=64, longest=64)[0]
+    engine = Engine(tiny_onnx, settings(prefix_cache_max_tokens=4096, prefix_block_tokens=16))
+    try:
+        alice = run(engine, greedy(prompt, 5, tenant="alice")).generated
+        assert engine.stats().prefix_hit_tokens == 0
+        bob = run(engine, greedy(prompt, 5, tenant="bob")).generated
+        assert engine.stats().prefix_hit_tokens == 0  # same prompt, other tenant: computed again
+        again = run(engine, greedy(prompt, 5, tenant="alice")).generated
+        assert engine.stats().prefix_hit_tokens == 48  # (64 - 1) // 16 full blocks
+    finally:
+        engine.shutdown()
+    assert alice == bob == again

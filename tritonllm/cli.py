@@ -20,6 +20,8 @@ from typing import NoReturn, Optional
 import typer
 from rich.console import Console
 
+from tritonllm.contract import PRECISIONS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Build a Hugging Face causal LM into a Triton model repository, serve it, and measure it.")
 console = Console(stderr=True)
@@ -35,7 +37,7 @@ def _choices(name: str, *values: str) -> type[enum.Enum]:
 
 
 Engine = _choices("Engine", "onnxruntime", "trtllm")
-Precision = _choices("Precision", "fp32", "int8")  # what the ONNX Runtime engine serves (no CPU bf16 kernels)
+Precision = _choices("Precision", *PRECISIONS)  # what the ONNX Runtime engine serves
 Quant = _choices("Quant", "fp8")
 KvCacheDtype = _choices("KvCacheDtype", "fp8")
 Protocol = _choices("Protocol", "grpc", "http")
@@ -99,7 +101,8 @@ def build(
     from tritonllm.contract import EngineSettings, SettingsError
 
     if engine is Engine.onnxruntime and quant is not None:
-        _usage_error("--quant", quant.value, "nothing with --engine onnxruntime (it takes --precision fp32|int8)")
+        _usage_error("--quant", quant.value,
+                     f"nothing with --engine onnxruntime (it takes --precision {'|'.join(PRECISIONS)})")
     if engine is Engine.trtllm and quant is not Quant.fp8:
         _fail("--quant is required with --engine trtllm; allowed: fp8 (the only TensorRT-LLM quantization this "
               "project gates)", USAGE_ERROR)

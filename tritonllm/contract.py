@@ -123,10 +123,11 @@ def contract_table() -> str:
 
 # --- settings --------------------------------------------------------------------------------------------------------
 
-Precision = Literal["fp32", "int8", "bf16"]
+Precision = Literal["fp32", "int8", "int4"]
 EngineKind = Literal["onnxruntime", "tensorrt_llm"]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "int8", "bf16")
+# Weight precisions of the ONNX Runtime engine (bf16 is not offered: ONNX Runtime's CPU provider has no bf16 kernels).
+PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int4")
 
 
 class SettingsError(ValueError):
@@ -146,6 +147,8 @@ class EngineSettings:
     prefill_chunk_tokens: int = 256  # long prompts are prefilled in chunks so running streams keep flowing
     prefill_group_ratio: float = 1.2  # prompts batched in one prefill differ in length by at most this factor
     intra_op_threads: int = 0  # ONNX Runtime threads; 0 = one per core
+    prefix_cache_max_tokens: int = 4096  # KV of prompt prefixes kept for reuse (per engine); 0 = off
+    prefix_block_tokens: int = 16  # prompt tokens per reusable block
     # TensorRT-LLM only (rendered into the tensorrt_llm model).
     kv_cache_free_gpu_mem_fraction: float = 0.9
     enable_kv_cache_reuse: bool = True
@@ -164,6 +167,10 @@ class EngineSettings:
                self.prefill_chunk_tokens, f"1..max_context_length ({self.max_context_length})")
         _check(1.0 <= self.prefill_group_ratio <= 4.0, "engine.prefill_group_ratio", self.prefill_group_ratio,
                "1.0..4.0")
+        _check(0 <= self.prefix_cache_max_tokens <= 1_048_576, "engine.prefix_cache_max_tokens",
+               self.prefix_cache_max_tokens, "0 (off) .. 1048576")
+        _check(1 <= self.prefix_block_tokens <= 1024, "engine.prefix_block_tokens", self.prefix_block_tokens,
+               "1..1024")
         _check(0 <= self.intra_op_threads <= 1024, "engine.intra_op_threads", self.intra_op_threads,
                "0 (one per core) .. 1024")
         _check(0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0, "engine.kv_cache_free_gpu_mem_fraction",
@@ -240,7 +247,8 @@ def _check(ok: bool, name: str, value: object, allowed: str) -> None:
 # EngineSettings fields the ONNX Runtime engine reads from its parameters.
 ENGINE_PARAMETERS: tuple[str, ...] = (
     "precision", "max_batch_size", "max_queue_size", "kv_cache_max_tokens", "max_context_length",
-    "prefill_chunk_tokens", "prefill_group_ratio", "intra_op_threads")
+    "prefill_chunk_tokens", "prefill_group_ratio", "intra_op_threads", "prefix_cache_max_tokens",
+    "prefix_block_tokens")
 CACHE_PARAMETERS: tuple[str, ...] = tuple(f.name for f in fields(CacheSettings))
 # Parameter of the front model naming the model it sends cache misses to.
 CALLED_MODEL_PARAMETER = "ensemble_model_name"

@@ -73,8 +73,9 @@ class TritonPythonModel:
             top_p=scalar("runtime_top_p", np.float32), seed=scalar("random_seed", np.uint64),
             min_tokens=scalar("min_length", np.int32), end_id=scalar("end_id", np.int32),
             stop_words=words("stop_words_list"), bad_words=words("bad_words_list"))
+        tenant = scalar("tenant", np.object_, b"")
         return GenerationRequest(
-            input_ids=input_ids[0, :length].tolist(),
+            input_ids=input_ids[0, :length].tolist(), tenant=tenant.decode("utf-8", "replace"),
             max_new_tokens=scalar("request_output_len", np.int32, required=True),
             sampling=sampling, streaming=bool(scalar("streaming", np.bool_, False)),
             exclude_input_in_output=bool(scalar("exclude_input_in_output", np.bool_, False)))
