@@ -54,25 +54,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(array, 99)), "mean": float(array.mean())}
 
 
-def run_level(backend: Backend, prompts: list[str], output_tokens: int, concurrency: int) -> LevelResult:
-    """Closed loop: `concurrency` workers each send the next prompt as soon as their previous request ends."""
-    records: list[RequestRecord] = []
-    next_index = iter(range(len(prompts)))
+def closed_loop(count: int, concurrency: int, handle: Callable[[int], None]) -> float:
+    """Call `handle(index)` for every index below `count` on `concurrency` threads, each taking the next index as
+    soon as its previous call returned (a closed-loop load); returns the wall time in seconds."""
+    indexes = iter(range(count))
     lock = threading.Lock()
 
     def worker() -> None:
-        while True:
-            with lock:
-                index = next(next_index, None)
-            if index is None:
-                return
-            record = RequestRecord(time.perf_counter())
-            try:
-                record.arrivals.extend(backend.stream(prompts[index], output_tokens))
-            except Exception as error:  # counted and reported, never hidden
-                record.error = f"{type(error).__name__}: {error}"
-            with lock:
-                records.append(record)
+        while (index := _next(indexes, lock)) is not None:
+            handle(index)
 
     started = time.perf_counter()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
@@ -80,7 +70,29 @@ def run_level(backend: Backend, prompts: list[str], output_tokens: int, concurre
         thread.start()
     for thread in threads:
         thread.join()
-    duration = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def _next(indexes: Iterator[int], lock: threading.Lock) -> int | None:
+    with lock:
+        return next(indexes, None)
+
+
+def run_level(backend: Backend, prompts: list[str], output_tokens: int, concurrency: int) -> LevelResult:
+    """Closed loop: `concurrency` workers each send the next prompt as soon as their previous request ends."""
+    records: list[RequestRecord] = []
+    lock = threading.Lock()
+
+    def request(index: int) -> None:
+        record = RequestRecord(time.perf_counter())
+        try:
+            record.arrivals.extend(backend.stream(prompts[index], output_tokens))
+        except Exception as error:  # counted and reported, never hidden
+            record.error = f"{type(error).__name__}: {error}"
+        with lock:
+            records.append(record)
+
+    duration = closed_loop(len(prompts), concurrency, request)
     good = [r for r in records if r.error is None and r.arrivals]
     gaps = [b - a for r in good for a, b in zip(r.arrivals, r.arrivals[1:])]
     return LevelResult(
