@@ -16,48 +16,31 @@ import threading
 import time
 from pathlib import Path
 
-from tritonllm.contract import EngineSettings
-from tritonllm.client.bench import percentiles
+from tritonllm.client.bench import closed_loop, percentiles
 from tritonllm.client.workload import synthetic_prompts
+from tritonllm.contract import EngineSettings
 from tritonllm.python_backends.engine import Engine, GenerationRequest
 from tritonllm.python_backends.sampling import SamplingParams
 
 
-def closed_loop(engine: Engine, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
-    arrivals: list[list[float]] = []
-    starts: list[float] = []
-    lock = threading.Lock()
-    order = iter(range(len(prompts)))
+def measure(engine: Engine, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
+    arrivals: list[list[float]] = [[] for _ in prompts]
+    starts = [0.0] * len(prompts)
 
-    def worker() -> None:
-        while True:
-            with lock:
-                index = next(order, None)
-            if index is None:
-                return
-            done = threading.Event()
-            times: list[float] = []
+    def request(index: int) -> None:
+        done = threading.Event()
 
-            def emit(output) -> None:
-                times.append(time.perf_counter())
-                if output.final:
-                    done.set()
+        def emit(output) -> None:
+            arrivals[index].append(time.perf_counter())
+            if output.final:
+                done.set()
 
-            start = time.perf_counter()
-            engine.submit(GenerationRequest(prompts[index], new_tokens, SamplingParams(min_tokens=new_tokens),
-                                            streaming=True), emit)
-            done.wait()
-            with lock:
-                arrivals.append(times)
-                starts.append(start)
+        starts[index] = time.perf_counter()
+        engine.submit(GenerationRequest(prompts[index], new_tokens, SamplingParams(min_tokens=new_tokens),
+                                        streaming=True), emit)
+        done.wait()
 
-    began = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    duration = time.perf_counter() - began
+    duration = closed_loop(len(prompts), concurrency, request)
     gaps = [b - a for times in arrivals for a, b in zip(times, times[1:])]
     return {"output_tokens_per_s": round(len(prompts) * new_tokens / duration, 1),
             "ttft_s": {k: round(v, 3) for k, v in percentiles([t[0] - s for t, s in zip(arrivals, starts)]).items()},
@@ -84,10 +67,10 @@ def main() -> None:
     for budget in (int(b) for b in args.budgets.split(",")):
         engine = Engine(args.onnx, EngineSettings(prefill_chunk_tokens=budget, prefix_cache_max_tokens=0))
         try:
-            closed_loop(engine, prompts[:2], 4, 2)  # warm-up
+            measure(engine, prompts[:2], 4, 2)  # warm-up
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 row = {"prefill_chunk_tokens": budget, "concurrency": concurrency,
-                       **closed_loop(engine, prompts, args.new_tokens, concurrency)}
+                       **measure(engine, prompts, args.new_tokens, concurrency)}
                 print(json.dumps(row), flush=True)
                 results.append(row)
         finally:

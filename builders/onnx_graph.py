@@ -30,20 +30,19 @@ What ONNX Runtime's CPU GroupQueryAttention accepts (measured with 1.32): a run 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from tritonllm.contract import DECODER_METADATA_FILE as METADATA_FILE
+from tritonllm.contract import PRECISIONS as GRAPH_PRECISIONS
 from tritonllm.python_backends.onnx_runner import DECODER_INPUTS, LOGITS, ONNX_FILE, past_names, present_names
 
 from .errors import BuildError
-from tritonllm.contract import PRECISIONS as GRAPH_PRECISIONS
 
-METADATA_FILE = "decoder.json"
 AWQ_CALIBRATION_PROMPTS = 32  # activation statistics settle well before; each prompt is a forward pass
 BLOCK_SIZE = 32  # input channels per weight scale for MatMulNBits (int8 measured 0.965 agreement at 32, 0.949 at 128)
 # Architectures whose HF weights map onto this graph (Llama-style decoder blocks; qwen2 adds q/k/v biases).

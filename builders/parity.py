@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tritonllm.python_backends.chat import encode_user_turn
 from tritonllm.python_backends.onnx_runner import OnnxDecoder
 
 from .errors import BuildError
@@ -78,10 +79,7 @@ def _tokenizer(hf_dir: Path):
 
 
 def _chat_tokens(tokenizer, prompt: str) -> list[int]:
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=True)
-    return tokenizer(prompt)["input_ids"]
+    return encode_user_turn(tokenizer, prompt) or tokenizer(prompt)["input_ids"]
 
 
 def check_parity(hf_dir: Path, onnx_dir: Path, batch: int = 4, decode_steps: int = 3,

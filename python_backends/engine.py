@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -38,7 +38,7 @@ WAITING_CANCEL_POLL_SECONDS = 0.05
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One sequence to generate. `sampling.end_id` None means the engine's default end id."""
+    """One sequence to generate. `sampling.end_id` None: it ends only by max tokens, stop words or cancellation."""
 
     input_ids: Sequence[int]
     max_new_tokens: int
@@ -113,14 +113,12 @@ class _Totals:
 class Engine:
     """Continuous batching of generation requests over one ONNX decoder graph (builders/onnx_graph.py)."""
 
-    def __init__(self, onnx_path: Path | str, settings: EngineSettings, end_id_default: int | None = None,
-                 token_timer: TokenTimer | None = None) -> None:
+    def __init__(self, onnx_path: Path | str, settings: EngineSettings, token_timer: TokenTimer | None = None) -> None:
         settings.validate()
         self.settings = settings
         self.executor = OnnxDecoder(onnx_path, settings.max_batch_size, settings.max_context_length,
                                     settings.intra_op_threads)
         self.vocab_size = self.executor.vocab_size
-        self.end_id_default = end_id_default
         self.token_timer = token_timer
         self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_max_tokens)
         self.scheduler = Scheduler(SchedulerLimits(settings.max_batch_size, settings.kv_cache_max_tokens,
@@ -163,8 +161,6 @@ class Engine:
             raise InvalidArgument(f"request_output_len = {request.max_new_tokens} is not allowed; allowed: "
                                   f"1..{room} (max_context_length {context} minus the {len(prompt)} prompt tokens)")
         params = request.sampling
-        if params.end_id is None and self.end_id_default is not None:
-            params = replace(params, end_id=self.end_id_default)
         params.validate(self.vocab_size)
         return _Sequence(tokens=prompt, prompt_length=len(prompt),
                          reserved_tokens=len(prompt) + request.max_new_tokens, tenant=request.tenant,

@@ -153,6 +153,11 @@ class Collector:
         assert self.finished.wait(60), "no final output within 60 s"
         return self.outputs[-1]
 
+    @property
+    def generated(self) -> list[int]:
+        """Ids of the sequence as a client sees them: non-streaming final ids, or the new ids of every piece."""
+        return [token for output in self.outputs for token in output.token_ids[output.context_length:]]
+
 
 def run_request(engine, request) -> Collector:
     """Submit `request` to an Engine and wait for its final output."""

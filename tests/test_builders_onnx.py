@@ -7,36 +7,12 @@ from pathlib import Path
 
 import onnx
 import pytest
-import torch
+from support import save_tiny_model
 
 from tritonllm.builders.errors import BuildError
 from tritonllm.builders.onnx_graph import DecoderGeometry, write_decoder
 from tritonllm.builders.parity import agreement, check_parity
 from tritonllm.python_backends.onnx_runner import ONNX_FILE, OnnxDecoder, past_names, present_names
-
-
-def save_tiny_model(folder: Path, model_type: str = "llama") -> Path:
-    """A tiny random decoder (hidden 64, 2 layers, 4 heads / 2 KV heads) saved with SmolLM2's converted tokenizer.
-
-    Weights are drawn wider than the default (std 0.1) so logits vary enough for parity to mean something.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from tritonllm.builders.source import prepare_hf_model
-    from tritonllm.paths import cache_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(prepare_hf_model(None, cache_dir()))
-    config = AutoConfig.for_model(
-        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048, rope_theta=100000.0,
-        initializer_range=0.1, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.config.architectures = [type(model).__name__]
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

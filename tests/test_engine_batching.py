@@ -4,43 +4,21 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from support import TINY_VOCAB, Collector, run_request
+
 from tritonllm.contract import EngineSettings
 from tritonllm.python_backends.detokenizer import ENGINE_CONTEXT_TOKENS
-from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
+from tritonllm.python_backends.engine import Engine, GenerationRequest
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 from tritonllm.python_backends.onnx_runner import OnnxDecoder
 from tritonllm.python_backends.sampling import SamplingParams
 from tritonllm.python_backends.stop_criteria import FinishReason
 
-VOCAB = 49152
-
-
-def _build_tiny_llama(root: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tritonllm.builders.onnx_graph import write_decoder
-
-    torch.manual_seed(0)
-    # initializer_range 0.1 spreads the logits (top-2 gap ~0.13) so fp32 noise from batching cannot flip an argmax.
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
-                         initializer_range=0.1)
-    LlamaForCausalLM(config).save_pretrained(root / "hf")
-    (root / "onnx").mkdir()
-    write_decoder(root / "hf", root / "onnx", "fp32")
-    return root / "onnx"
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory) -> Path:
-    return _build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+VOCAB = TINY_VOCAB
 
 
 def settings(**changes) -> EngineSettings:
@@ -49,34 +27,7 @@ def settings(**changes) -> EngineSettings:
     return EngineSettings(**{**values, **changes})
 
 
-@dataclass
-class Collector:
-    """Outputs of one request, with a flag set on its final output."""
-
-    outputs: list[EngineOutput] = field(default_factory=list)
-    finished: threading.Event = field(default_factory=threading.Event)
-    cancelled: bool = False
-
-    def emit(self, output: EngineOutput) -> None:
-        self.outputs.append(output)
-        if output.final:
-            self.finished.set()
-
-    def wait(self) -> EngineOutput:
-        assert self.finished.wait(60), "no final output within 60 s"
-        return self.outputs[-1]
-
-    @property
-    def generated(self) -> list[int]:
-        """Ids of the sequence as a client sees them: non-streaming final ids, or the new ids of every piece."""
-        return [token for output in self.outputs for token in output.token_ids[output.context_length:]]
-
-
-def run(engine: Engine, request: GenerationRequest) -> Collector:
-    collector = Collector()
-    engine.submit(request, collector.emit, lambda: collector.cancelled)
-    collector.wait()
-    return collector
+run = run_request
 
 
 def prompts(count: int, seed: int = 0, shortest: int = 1, longest: int = 60) -> list[list[int]]:
