@@ -10,7 +10,8 @@ from __future__ import annotations
 from google.protobuf import text_encoding
 
 from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, ENGINE_PARAMETERS, ENSEMBLE_INPUTS,
-                                ENSEMBLE_OUTPUTS, FRONT_INPUTS, FRONT_OUTPUTS, RepositorySettings, SettingsError,
+                                ENSEMBLE_OUTPUTS, FORWARDED_INPUTS_PARAMETER, FRONT_INPUTS,
+                                ONNX_ENGINE_ONLY_INPUTS, FRONT_OUTPUTS, RepositorySettings, SettingsError,
                                 encode_parameter, render_tensors)
 
 # Model folders of the rendered repository.
@@ -73,7 +74,7 @@ def template_values(model: str, settings: RepositorySettings) -> dict[str, str]:
     if model == ENSEMBLE:
         # Every input declared optional: see the ensemble template for why.
         return {"triton_max_batch_size": request_batch,
-                "inputs": render_tensors(ENSEMBLE_INPUTS, all_optional=True),
+                "inputs": render_tensors(ensemble_inputs(settings), all_optional=True),
                 "outputs": render_tensors(ENSEMBLE_OUTPUTS),
                 **_string_parameters(engine_model_name=engine_model_name(settings))}
     if model == LLM:
@@ -81,9 +82,19 @@ def template_values(model: str, settings: RepositorySettings) -> dict[str, str]:
                 "inputs": render_tensors(FRONT_INPUTS), "outputs": render_tensors(FRONT_OUTPUTS),
                 **_string_parameters(**{key: getattr(settings.cache, key) for key in CACHE_PARAMETERS},
                                      embedder_path=EMBEDDER_FOLDER,
-                                     **{CALLED_MODEL_PARAMETER: ENSEMBLE})}
+                                     **{CALLED_MODEL_PARAMETER: ENSEMBLE,
+                                        FORWARDED_INPUTS_PARAMETER: ",".join(
+                                            tensor.name for tensor in ensemble_inputs(settings))})}
     raise ValueError(f"unknown model {model!r}; allowed: {ENSEMBLE}, {PREPROCESSING}, {ENGINE}, {TENSORRT_LLM}, "
                      f"{POSTPROCESSING}, {LLM}")
+
+
+def ensemble_inputs(settings: RepositorySettings) -> tuple:
+    """The contract's ensemble inputs this deployment offers: TensorRT-LLM takes no tenant (its KV reuse is not
+    scoped by tenant), so with that engine the ensemble does not offer one."""
+    if settings.engine.kind == "tensorrt_llm":
+        return tuple(tensor for tensor in ENSEMBLE_INPUTS if tensor.name not in ONNX_ENGINE_ONLY_INPUTS)
+    return ENSEMBLE_INPUTS
 
 
 def engine_model_name(settings: RepositorySettings) -> str:

@@ -60,7 +60,7 @@ def render_repository(settings: RepositorySettings, out_dir: Path, templates_dir
         raise RepositoryRenderError(f"rendered configs do not parse or hold placeholders:\n"
                                     f"{format_findings(findings)}", findings)
     engine = engine_model_name(settings)
-    if engine == TENSORRT_LLM and _drop_undeclared_outputs(configs[ENSEMBLE], engine, configs):
+    if engine == TENSORRT_LLM and _drop_undeclared_mappings(configs[ENSEMBLE], engine, configs):
         texts[ENSEMBLE] = (f"# Rendered by tritonllm from {ENSEMBLE}/{TEMPLATE_FILE} for the {engine} engine.\n"
                            + text_format.MessageToString(configs[ENSEMBLE], as_utf8=True))
     _raise_on_errors(lint_model_configs(configs), "the rendered configs")
@@ -94,21 +94,27 @@ def _fill_template(template_path: Path, values: dict[str, str]) -> str:
     return template.substitute(values)
 
 
-def _drop_undeclared_outputs(ensemble: mc.ModelConfig, step_model: str, configs: dict[str, mc.ModelConfig]) -> bool:
-    """Remove the `step_model` step's mappings of outputs that model does not declare, and the optional inputs they
-    fed (TensorRT-LLM sends no stream_context_length/stream_final). Returns whether anything was removed."""
+def _drop_undeclared_mappings(ensemble: mc.ModelConfig, step_model: str, configs: dict[str, mc.ModelConfig]) -> bool:
+    """Remove the `step_model` step's mappings of tensors that model does not declare: outputs with the optional
+    inputs they fed (TensorRT-LLM sends no stream_context_length/stream_final), and inputs it does not take (tenant;
+    with that engine the ensemble does not offer it: model_config.ensemble_inputs). Returns whether anything was
+    removed."""
     declared = {io.name for io in configs[step_model].output}
+    declared_inputs = {io.name for io in configs[step_model].input}
     dropped: set[str] = set()
+    unread: set[str] = set()  # an input mapped to a tensor the step does not take (the ensemble does not offer it)
     for step in ensemble.ensemble_scheduling.step:
         if step.model_name == step_model:
             for key in [key for key in step.output_map if key not in declared]:
                 dropped.add(step.output_map.pop(key))
+            for key in [key for key in step.input_map if key not in declared_inputs]:
+                unread.add(step.input_map.pop(key))
     for step in ensemble.ensemble_scheduling.step:
         optional = {io.name for io in configs[step.model_name].input if io.optional} if step.model_name in configs \
             else set()
         for key in [key for key, value in step.input_map.items() if value in dropped and key in optional]:
             del step.input_map[key]
-    return bool(dropped)
+    return bool(dropped or unread)
 
 
 def _raise_on_errors(findings: list[Finding], what: str) -> None:

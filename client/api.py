@@ -47,7 +47,7 @@ class GenerationParams:
     bad_words: list[str] | None = None
     exclude_input_in_output: bool | None = True
     apply_chat_template: bool | None = None
-    tenant: str | None = None  # front model only
+    tenant: str | None = None  # scopes prefix reuse (engine) and cache entries (llm)
     cache: str | None = None  # front model only: use | bypass | refresh
 
 

@@ -29,8 +29,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tritonllm import contract
-from tritonllm.contract import (CACHE_MODES, CALLED_MODEL_PARAMETER, CacheSettings, required_parameter,
-                                settings_from_parameters)
+from tritonllm.contract import (CACHE_MODES, CALLED_MODEL_PARAMETER, FORWARDED_INPUTS_PARAMETER, CacheSettings,
+                                required_parameter, settings_from_parameters)
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.sampling import SamplingParams
 from tritonllm.python_backends.semantic_cache import Autosaver, CacheKey, SemanticCache, SnapshotLoad
@@ -71,8 +71,10 @@ class Front:
     """Parses requests and serves them from the cache or the ensemble; `cache` None means caching is off."""
 
     def __init__(self, cache: SemanticCache | None, model: str, autosaver: Autosaver | None = None,
-                 on_lookup: Callable[[float], None] = lambda seconds: None) -> None:
+                 on_lookup: Callable[[float], None] = lambda seconds: None,
+                 forwarded_inputs: Iterable[str] = tuple(ENSEMBLE_INPUTS)) -> None:
         self.cache, self.model, self.autosaver, self.on_lookup = cache, model, autosaver, on_lookup
+        self.forwarded_inputs = frozenset(forwarded_inputs)  # the inputs the called ensemble offers
 
     def parse(self, arrays: Mapping[str, np.ndarray]) -> FrontRequest:
         """Request from input arrays (batch dim first, batch 1); raises InvalidArgument naming the bad input."""
@@ -96,7 +98,7 @@ class Front:
         greedy = SamplingParams.from_optional(temperature=values["temperature"], top_k=values["top_k"],
                                               top_p=values["top_p"]).greedy
         key = CacheKey(_text(arrays, "tenant", ""), self.model, params, sampled=not greedy and values["seed"] is None)
-        ensemble_inputs = {name: array for name, array in arrays.items() if name in ENSEMBLE_INPUTS}
+        ensemble_inputs = {name: array for name, array in arrays.items() if name in self.forwarded_inputs}
         return FrontRequest(prompt, stream, mode, key, ensemble_inputs)
 
     def serve(self, request: FrontRequest, generate: Callable[[], Iterable[bytes]], send: Callable[[Reply], None],
@@ -149,14 +151,16 @@ def build_front(parameters: Mapping[str, str], version_dir: Path,
 
     settings = settings_from_parameters(CacheSettings, parameters)
     model = required_parameter(parameters, CALLED_MODEL_PARAMETER, "llm")
+    forwarded = [name for name in required_parameter(parameters, FORWARDED_INPUTS_PARAMETER, "llm").split(",")
+                 if name in ENSEMBLE_INPUTS]
     if not settings.enabled:
-        return Front(None, model, on_lookup=on_lookup), SnapshotLoad(0, None)
+        return Front(None, model, on_lookup=on_lookup, forwarded_inputs=forwarded), SnapshotLoad(0, None)
     embedder = Embedder(version_dir / required_parameter(parameters, "embedder_path", "llm"))
     cache = SemanticCache(settings, embedder.embed_one, embedder.dimension, embedder.identity)
     snapshot = version_dir / (settings.persist_path or DEFAULT_SNAPSHOT_FILE)  # an absolute persist_path wins
     loaded = cache.load_snapshot(snapshot)
     autosaver = Autosaver(cache, snapshot, settings.snapshot_interval_seconds)
-    return Front(cache, model, autosaver, on_lookup), loaded
+    return Front(cache, model, autosaver, on_lookup, forwarded), loaded
 
 
 def answer_pieces(answer: bytes, stream: bool) -> list[bytes]:

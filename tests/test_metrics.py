@@ -173,3 +173,27 @@ def test_counters_move_by_the_tokens_of_known_requests(server, smollm2_hf_dir):
     assert moved["tritonllm_inter_token_latency_seconds_count"] == sum(max_tokens) + 5 - 3
     assert after["tritonllm_requests_waiting"] == 0 and after["tritonllm_kv_cache_reserved_tokens"] == 0
     assert after["tritonllm_kv_cache_capacity_tokens"] > 0
+
+
+@pytest.mark.server
+def test_prefix_reuse_serves_a_tenant_its_own_prefixes_only_and_changes_no_text(server):
+    from tritonllm.client.api import GenerationParams, LLMClient
+
+    client = LLMClient(server.endpoints.grpc_url, protocol="grpc")
+    system = ("You are the support assistant of the Harbour Street library. Opening hours are nine to five on "
+              "weekdays and ten to two on Saturdays; the library is closed on Sundays and public holidays. ")
+    prompt = system + "Question: can I return a book on Sunday?"
+    url = server.endpoints.metrics_url
+
+    def answer(tenant: str) -> tuple[str, float]:
+        before = settled_values(url)
+        text = client.generate(prompt, GenerationParams(max_tokens=12, tenant=tenant))
+        return text, settled_values(url)["tritonllm_prefix_cache_hit_tokens_total"] - \
+            before.get("tritonllm_prefix_cache_hit_tokens_total", 0)
+
+    first, first_hits = answer("tenant-a")
+    other, other_hits = answer("tenant-b")  # the same prompt, another tenant: nothing reused
+    again, again_hits = answer("tenant-a")
+    assert (first_hits, other_hits) == (0, 0)
+    assert again_hits > 0
+    assert first == other == again  # reused KV gives the same greedy answer

@@ -28,7 +28,7 @@ ENSEMBLE_INPUTS = {
     "end_id": ("TYPE_INT32", [1], True), "pad_id": ("TYPE_INT32", [1], True),
     "min_tokens": ("TYPE_INT32", [1], True), "stop_words": ("TYPE_STRING", [-1], True),
     "bad_words": ("TYPE_STRING", [-1], True), "seed": ("TYPE_UINT64", [1], True),
-    "apply_chat_template": ("TYPE_BOOL", [1], True)}
+    "apply_chat_template": ("TYPE_BOOL", [1], True), "tenant": ("TYPE_STRING", [1], True)}
 ENSEMBLE_OUTPUTS = {"text_output": ("TYPE_STRING", [-1], False)}
 
 
@@ -128,6 +128,7 @@ def test_ensemble_keeps_the_tensorrtllm_backend_contract_and_mapping(artifacts, 
                                         "min_tokens": "min_length", "stream": "streaming",
                                         "exclude_input_in_output": "exclude_input_in_output"}.items():
         assert engine_inputs[engine_input] == request_input
+    assert engine_inputs["tenant"] == "tenant"  # prefix reuse is scoped to the request's tenant
     engine_outputs = dict(steps[ENGINE].output_map)
     post_inputs = dict(steps[POSTPROCESSING].input_map)
     for engine_output, post_input in {"output_ids": "TOKENS_BATCH", "sequence_length": "SEQUENCE_LENGTH",
@@ -160,9 +161,12 @@ def test_tensorrt_llm_engine_replaces_the_engine_step(artifacts, tmp_path):
     assert trtllm.dynamic_batching.max_queue_delay_microseconds == 500
 
     ensemble = load_config(repository, ENSEMBLE)
-    assert (contract(ensemble.input), contract(ensemble.output)) == (ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS)
+    # TensorRT-LLM takes no tenant (its own KV reuse is not scoped by tenant): the ensemble does not offer it.
+    without_tenant = {name: value for name, value in ENSEMBLE_INPUTS.items() if name != "tenant"}
+    assert (contract(ensemble.input), contract(ensemble.output)) == (without_tenant, ENSEMBLE_OUTPUTS)
     steps = {step.model_name: step for step in ensemble.ensemble_scheduling.step}
     assert list(steps) == [PREPROCESSING, TENSORRT_LLM, POSTPROCESSING]
+    assert "tenant" not in steps[TENSORRT_LLM].input_map
     assert set(steps[TENSORRT_LLM].output_map) == {"output_ids", "sequence_length"}
     assert set(steps[POSTPROCESSING].input_map) == {"TOKENS_BATCH", "SEQUENCE_LENGTH"}
 

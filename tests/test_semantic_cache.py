@@ -432,9 +432,13 @@ def test_hit_pieces_join_back_to_the_answer(answer):
 
 def test_build_front_reads_the_model_parameters_and_reports_a_corrupt_snapshot(embedder_dir, tmp_path):
     parameters = {"enabled": "true", "similarity_threshold": "0.9", "embedder_path": str(embedder_dir),
-                  "ensemble_model_name": "ensemble", "snapshot_interval_seconds": "3600", "persist_path": ""}
+                  "ensemble_model_name": "ensemble", "snapshot_interval_seconds": "3600", "persist_path": "",
+                  "ensemble_inputs": "text_input,max_tokens,stream"}
     front, loaded = build_front(parameters, tmp_path)
     assert loaded.problem is None and front.model == "ensemble"
+    assert front.forwarded_inputs == {"text_input", "max_tokens", "stream"}
+    assert set(front.parse(inputs(tenant="a")).ensemble_inputs) == {
+        "text_input", "max_tokens"}  # the tenant is not sent to an ensemble that does not offer it
     serve(front, inputs(), generation(b"answer"))
     front.close()
     assert (tmp_path / "cache_snapshot").is_file()

@@ -71,11 +71,12 @@ ENSEMBLE_INPUTS: tuple[Tensor, ...] = (
     Tensor("seed", "TYPE_UINT64", (1,), True, "sampling seed (same seed, same answer)"),
     Tensor("apply_chat_template", "TYPE_BOOL", (1,), True,
            "ours: wrap the prompt in the model's chat template as one user turn"),
+    Tensor("tenant", "TYPE_STRING", (1,), True,
+           "ours: whose cached prompt prefixes (engine) and cache entries (llm) a request may use; default ''"),
 )
 ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (Tensor("text_output", "TYPE_STRING", (-1,), note="answer text (a piece)"),)
 # The front model `llm`: the ensemble's contract plus these.
 FRONT_ONLY_INPUTS: tuple[Tensor, ...] = (
-    Tensor("tenant", "TYPE_STRING", (1,), True, "front model only: whose cache entries a request may see"),
     Tensor("cache", "TYPE_STRING", (1,), True, "front model only: use, bypass or refresh (default use)"),
 )
 FRONT_INPUTS: tuple[Tensor, ...] = ENSEMBLE_INPUTS + FRONT_ONLY_INPUTS
@@ -252,6 +253,10 @@ ENGINE_PARAMETERS: tuple[str, ...] = (
 CACHE_PARAMETERS: tuple[str, ...] = tuple(f.name for f in fields(CacheSettings))
 # Parameter of the front model naming the model it sends cache misses to.
 CALLED_MODEL_PARAMETER = "ensemble_model_name"
+# Parameter of the front model listing the ensemble inputs it forwards (comma-separated): those the ensemble offers.
+FORWARDED_INPUTS_PARAMETER = "ensemble_inputs"
+# Ensemble inputs only the ONNX Runtime engine reads.
+ONNX_ENGINE_ONLY_INPUTS: tuple[str, ...] = ("tenant",)
 # Path parameters (relative to the version folder) -> a file the path must hold ("" : the path itself is the file or
 # folder that must exist).
 PATH_PARAMETERS: dict[str, str] = {"tokenizer_path": "tokenizer.json", "onnx_path": "", "embedder_path": ""}
