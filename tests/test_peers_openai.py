@@ -101,7 +101,8 @@ def test_stop_server_kills_the_whole_tree(tmp_path):
 
 def test_server_dies_with_the_script(tmp_path):
     peers_path = ROOT / "benchmarks" / "peers.py"
-    driver = (f"import importlib.util, sys, time; spec = importlib.util.spec_from_file_location('p', {str(peers_path)!r}); "
+    driver = ("import importlib.util, sys, time; "
+              f"spec = importlib.util.spec_from_file_location('p', {str(peers_path)!r}); "
               "m = importlib.util.module_from_spec(spec); sys.modules['p'] = m; spec.loader.exec_module(m); "
               f"p = m.start_server([sys.executable, '-c', 'import time; time.sleep(300)'], {{}}, "
               f"__import__('pathlib').Path({str(tmp_path / 'log')!r})); print(p.pid, flush=True); time.sleep(300)")
@@ -145,7 +146,8 @@ def test_prefix_caching_is_off_unless_asked(tmp_path, monkeypatch):
     assert spec.command[spec.command.index("--host") + 1] == "127.0.0.1"
     assert spec.extra_body == {"min_tokens": 64}
     cached = peers.vllm_spec("vllm-bf16", _args(peers, "--prefix-caching"), 1234, "/hf")
-    assert "--enable-prefix-caching" in cached.command and cached.command[cached.command.index("--dtype") + 1] == "bfloat16"
+    assert "--enable-prefix-caching" in cached.command
+    assert cached.command[cached.command.index("--dtype") + 1] == "bfloat16"
 
 
 def test_llama_context_fits_every_slot(tmp_path, monkeypatch):
