@@ -47,6 +47,30 @@ PEER_NAMES = ("vllm-fp32", "vllm-bf16", "llama-f32", "llama-q8_0")
 # ---------------------------------------------------------------------------------------------------- server lifetime
 
 _RUNNING: list[subprocess.Popen] = []
+_WATCHDOGS: dict[int, subprocess.Popen] = {}
+
+# A second line of defence for a kill -9 of this script: PR_SET_PDEATHSIG reaches only the server's first process
+# (vLLM's EngineCore and Worker are its children), so a small watchdog in this script's group kills the server's
+# whole group as soon as this script is gone.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, group = int(sys.argv[1]), int(sys.argv[2])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while os.getppid() == parent:
+    time.sleep(0.5)
+for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        break
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+        time.sleep(0.2)
+"""
 
 
 def _descendants(pid: int) -> list[int]:
@@ -80,6 +104,7 @@ def stop_server(process: subprocess.Popen, grace_s: float = 15.0) -> None:
     """SIGTERM the whole process group (and any descendant outside it), SIGKILL what is left after `grace_s`."""
     if process in _RUNNING:
         _RUNNING.remove(process)
+    watchdog = _WATCHDOGS.pop(process.pid, None)
     pids = [process.pid, *_descendants(process.pid)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -95,8 +120,14 @@ def stop_server(process: subprocess.Popen, grace_s: float = 15.0) -> None:
         while time.monotonic() < deadline:
             process.poll()
             if not any(_alive(pid) for pid in pids):
-                return
+                break
             time.sleep(0.2)
+        else:
+            continue
+        break
+    if watchdog is not None:
+        watchdog.kill()
+        watchdog.wait()
     left = [pid for pid in pids if _alive(pid)]
     if left:
         print(f"WARNING: processes {left} survived SIGKILL", file=sys.stderr)
@@ -128,6 +159,8 @@ def start_server(command: list[str], env: dict[str, str], log_path: Path) -> sub
                                preexec_fn=_die_with_parent, cwd=ROOT)
     log.close()
     _RUNNING.append(process)
+    _WATCHDOGS[process.pid] = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(process.pid)],
+                                               stdin=subprocess.DEVNULL)
     return process
 
 

@@ -99,22 +99,33 @@ def test_stop_server_kills_the_whole_tree(tmp_path):
     assert not any(peers._alive(pid) for pid in tree)
 
 
-def test_server_dies_with_the_script(tmp_path):
+def test_server_tree_dies_with_the_script(tmp_path):
+    """kill -9 of the script: PR_SET_PDEATHSIG takes the server down and the watchdog its children (as vLLM's
+    EngineCore and Worker are)."""
     peers_path = ROOT / "benchmarks" / "peers.py"
-    driver = ("import importlib.util, sys, time; "
+    grandchild_file = tmp_path / "grandchild"
+    server = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+              f"open({str(grandchild_file)!r}, 'w').write(str(c.pid)); time.sleep(300)")
+    driver = ("import importlib.util, pathlib, sys, time; "
               f"spec = importlib.util.spec_from_file_location('p', {str(peers_path)!r}); "
               "m = importlib.util.module_from_spec(spec); sys.modules['p'] = m; spec.loader.exec_module(m); "
-              f"p = m.start_server([sys.executable, '-c', 'import time; time.sleep(300)'], {{}}, "
-              f"__import__('pathlib').Path({str(tmp_path / 'log')!r})); print(p.pid, flush=True); time.sleep(300)")
+              f"p = m.start_server([sys.executable, '-c', {server!r}], {{}}, pathlib.Path({str(tmp_path / 'log')!r})); "
+              "print(p.pid, flush=True); time.sleep(300)")
     parent = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
-    parent.kill()  # SIGKILL: no atexit, no handler; PR_SET_PDEATHSIG must take the server down
-    parent.wait()
-    deadline = time.monotonic() + 5
-    peers = _load_peers_script()
-    while peers._alive(child) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while not grandchild_file.exists() or not grandchild_file.read_text():
+        assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert not peers._alive(child)
+    grandchild = int(grandchild_file.read_text())
+    parent.kill()  # SIGKILL: no atexit, no handler
+    parent.wait()
+    peers = _load_peers_script()
+    deadline = time.monotonic() + 15
+    while (peers._alive(child) or peers._alive(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not peers._alive(child) and not peers._alive(grandchild)
 
 
 class WordTokenizer:
