@@ -16,7 +16,17 @@ kill -9 of this script takes it down too. Prefix caching is off for every peer u
 client/data/sentences.txt in file order, deterministic) before every prompt: with --prefix-caching the peer may
 reuse it (vLLM --enable-prefix-caching, llama-server cache_prompt), without it every prompt is prefilled whole.
 
-Results: a table on stdout, bench.json + bench.png (save_results) and each server's log under --out.
+Results: a table on stdout, bench.json + bench.png (save_results) and each server's log under --out; bench.json
+keeps every server command, its environment, versions and the 1-minute load average around each level (this
+machine is shared: a busy neighbour moves these numbers by several times).
+
+vLLM start recipe (the defaults; each is a flag): the mp executor (vLLM's own: EngineCore + one Worker) with OpenMP
+bound to both cores (VLLM_CPU_OMP_THREADS_BIND=0-1; vLLM's "auto" keeps one of the 2 cores for its scheduler, so
+the model got one thread), LD_PRELOAD of Debian's tcmalloc and the venv's libiomp5.so (vLLM then sets
+KMP_AFFINITY/KMP_BLOCKTIME for the Worker), VLLM_CPU_KVCACHE_SPACE=2 (GiB), --max-model-len 2048,
+--max-num-seqs 16, --max-num-batched-tokens 2048, chunked prefill as vLLM sets it (on). Tried on 2026-12-01 under
+load and not adopted: --vllm-executor uni (model in the EngineCore: slower at concurrency 16), --no-preload,
+--vllm-max-num-batched-tokens 512, --vllm-zentorch (AMD's ZenCpuPlatform): no clear gain within the noise.
 """
 
 from __future__ import annotations
