@@ -27,6 +27,8 @@ KMP_AFFINITY/KMP_BLOCKTIME for the Worker), VLLM_CPU_KVCACHE_SPACE=2 (GiB), --ma
 --max-num-seqs 16, --max-num-batched-tokens 2048, chunked prefill as vLLM sets it (on). Tried on 2026-12-01 under
 load and not adopted: --vllm-executor uni (model in the EngineCore: slower at concurrency 16), --no-preload,
 --vllm-max-num-batched-tokens 512, --vllm-zentorch (AMD's ZenCpuPlatform): no clear gain within the noise.
+llama-server runs with --poll 0 (see --llama-poll): with its default busy-wait it fell to 7-36 tok/s whenever the
+cores were shared, against 75-145 with --poll 0 in the runs between.
 """
 
 from __future__ import annotations
@@ -121,15 +123,15 @@ def stop_server(process: subprocess.Popen, grace_s: float = 15.0) -> None:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             pass
-        for pid in pids:
+        for pid in pids:  # only those that left the group: a second SIGTERM makes llama-server skip its cleanup
             try:
-                os.kill(pid, sig)
+                if os.getpgid(pid) != process.pid:
+                    os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
         while time.monotonic() < deadline:
-            process.poll()
-            if not any(_alive(pid) for pid in pids):
+            if process.poll() is not None and not any(_alive(pid) for pid in pids):
                 break
             time.sleep(0.2)
         else:
@@ -288,7 +290,7 @@ def llama_spec(name: str, args, port: int, context_per_slot: int) -> PeerSpec:
     context = slots * (-(-context_per_slot // 256) * 256)
     command = [str(server), "-m", str(gguf), "--alias", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
                "-np", str(slots), "-cb", "-t", str(args.threads), "-c", str(context), "--no-webui",
-               "--seed", "0", *args.llama_arg]
+               "--poll", str(args.llama_poll), "--seed", "0", *args.llama_arg]
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = str(bin_dir) + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
     for item in args.env:
@@ -433,6 +435,9 @@ def parse_args(argv=None):
                         help="vLLM's AMD ZenCpuPlatform through zentorch (setup_peers.sh zentorch)")
     parser.add_argument("--no-preload", action="store_true", help="no LD_PRELOAD of tcmalloc / libiomp5")
     parser.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
+    parser.add_argument("--llama-poll", type=int, default=0,
+                        help="llama-server --poll (0: threads sleep while waiting; its default 50 busy-waits, which "
+                             "collapsed to <10 tok/s here whenever another process shared the 2 cores)")
     parser.add_argument("--llama-arg", action="append", default=[], help="extra llama-server argument (repeatable)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
     args = parser.parse_args(argv)
