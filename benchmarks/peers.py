@@ -27,8 +27,9 @@ KMP_AFFINITY/KMP_BLOCKTIME for the Worker), VLLM_CPU_KVCACHE_SPACE=2 (GiB), --ma
 --max-num-seqs 16, --max-num-batched-tokens 2048, chunked prefill as vLLM sets it (on). Tried on 2026-12-01 under
 load and not adopted: --vllm-executor uni (model in the EngineCore: slower at concurrency 16), --no-preload,
 --vllm-max-num-batched-tokens 512, --vllm-zentorch (AMD's ZenCpuPlatform): no clear gain within the noise.
-llama-server runs with --poll 0 (see --llama-poll): with its default busy-wait it fell to 7-36 tok/s whenever the
-cores were shared, against 75-145 with --poll 0 in the runs between.
+llama-server runs with --poll 0 (see --llama-poll) rather than its default busy-wait (50): on the shared cores of
+2026-12-01, 16 requests at concurrency 1 / 16 gave 9-62 / 7-36 tok/s in 3 default runs and 6-79 / 31-145 in 5
+--poll 0 runs. Better on the whole, but the neighbours' load dominated both: re-check on a quiet machine.
 """
 
 from __future__ import annotations
@@ -436,8 +437,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-preload", action="store_true", help="no LD_PRELOAD of tcmalloc / libiomp5")
     parser.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
     parser.add_argument("--llama-poll", type=int, default=0,
-                        help="llama-server --poll (0: threads sleep while waiting; its default 50 busy-waits, which "
-                             "collapsed to <10 tok/s here whenever another process shared the 2 cores)")
+                        help="llama-server --poll (0: its threads sleep while waiting for work; llama.cpp's "
+                             "default 50 busy-waits, which suffers when other processes share the cores)")
     parser.add_argument("--llama-arg", action="append", default=[], help="extra llama-server argument (repeatable)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
     args = parser.parse_args(argv)
