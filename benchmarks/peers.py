@@ -28,7 +28,7 @@ KMP_AFFINITY/KMP_BLOCKTIME for the Worker), VLLM_CPU_KVCACHE_SPACE=2 (GiB), --ma
 load and not adopted: --vllm-executor uni (model in the EngineCore: slower at concurrency 16), --no-preload,
 --vllm-max-num-batched-tokens 512, --vllm-zentorch (AMD's ZenCpuPlatform): no clear gain within the noise.
 llama-server runs with --poll 0 (see --llama-poll) rather than its default busy-wait (50): on the shared cores of
-2026-12-01, 16 requests at concurrency 1 / 16 gave 9-62 / 7-36 tok/s in 3 default runs and 6-79 / 31-145 in 5
+2026-12-01, 16 requests at concurrency 1 / 16 gave 6-62 / 7-36 tok/s in 4 default runs and 6-79 / 31-145 in 5
 --poll 0 runs. Better on the whole, but the neighbours' load dominated both: re-check on a quiet machine.
 """
 
