@@ -71,6 +71,16 @@ parent, group = int(sys.argv[1]), int(sys.argv[2])
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 while os.getppid() == parent:
     time.sleep(0.5)
+shm = set()  # the server's /dev/shm files (vLLM's shared-memory queues, Intel OpenMP's registrations)
+for entry in os.listdir("/proc"):
+    try:
+        if entry.isdigit() and os.getpgid(int(entry)) == group:
+            with open(f"/proc/{entry}/maps") as maps:
+                shm.update(line.split()[-1] for line in maps if " /dev/shm/" in line)
+            shm.update(f"/dev/shm/{name}" for name in os.listdir("/dev/shm")
+                       if name.startswith(f"__KMP_REGISTERED_LIB_{entry}_"))
+    except OSError:
+        pass
 for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
     try:
         os.killpg(group, sig)
@@ -81,8 +91,16 @@ for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
         try:
             os.killpg(group, 0)
         except ProcessLookupError:
-            sys.exit(0)
+            break
         time.sleep(0.2)
+    else:
+        continue
+    break
+for path in shm:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 """
 
 
@@ -144,6 +162,9 @@ def stop_server(process: subprocess.Popen, grace_s: float = 15.0) -> None:
     left = [pid for pid in pids if _alive(pid)]
     if left:
         print(f"WARNING: processes {left} survived SIGKILL", file=sys.stderr)
+    for pid in set(pids) - set(left):  # Intel OpenMP (LD_PRELOADed for vLLM) leaves one registration file a process
+        for stale in Path("/dev/shm").glob(f"__KMP_REGISTERED_LIB_{pid}_*"):
+            stale.unlink(missing_ok=True)
 
 
 def _stop_all() -> None:
