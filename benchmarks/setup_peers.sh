@@ -15,7 +15,8 @@
 #                 `benchmarks/peers.py --vllm-zentorch` can switch vLLM's ZenCpuPlatform on by PYTHONPATH
 #
 # Environment: PYTHON (a Python 3.11 for the venvs; default python3), TRITONLLM_PYTHON (a Python with tritonllm
-# installed, for the HF folder; default .venv/bin/python of this repository, else /work/main/.venv/bin/python).
+# installed, for the HF folder; default: the first of .venv/bin/python of this repository,
+# /work/main/.venv/bin/python and python3 that imports tritonllm).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -131,7 +132,9 @@ setup_zentorch() {
 setup_hf() {
     local py="${TRITONLLM_PYTHON:-}"
     if [ -z "$py" ]; then
-        if [ -x "$ROOT/.venv/bin/python" ]; then py="$ROOT/.venv/bin/python"; else py=/work/main/.venv/bin/python; fi
+        for py in "$ROOT/.venv/bin/python" /work/main/.venv/bin/python python3; do
+            "$py" -c 'import tritonllm.builders.source' 2>/dev/null && break
+        done
     fi
     if [ -s "$PEERS_DIR/hf_dir.txt" ] && [ -f "$(cat "$PEERS_DIR/hf_dir.txt")/config.json" ]; then
         log "hf: $(cat "$PEERS_DIR/hf_dir.txt") present"
