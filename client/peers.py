@@ -3,6 +3,7 @@
 - `HFSequential`: Hugging Face `generate`, one request at a time (fp32).
 - `HFStaticBatching`: collect up to 8 requests within 50 ms, left-pad, `generate` them as one batch.
 - `TritonStream`: our deployment over gRPC streaming (the system under test).
+- `OpenAICompletionsStream`: an OpenAI-compatible server (vLLM, llama.cpp's llama-server) over `/v1/completions` SSE.
 All force the output length (`min_new_tokens` / `min_tokens` = max), as benchmark tools do with "ignore eos".
 """
 
@@ -114,3 +115,67 @@ class HFStaticBatching:
             except Exception as error:
                 for sink in sinks:
                     sink.put(error)
+
+
+class OpenAICompletionsStream:
+    """An OpenAI-compatible server (vLLM's api_server, llama.cpp's llama-server) over `/v1/completions` SSE.
+
+    Greedy (temperature 0), `max_tokens` = the requested length, `ignore_eos` so the length is forced; peer-specific
+    fields (`min_tokens` for vLLM; `cache_prompt: false`, `repeat_penalty: 1.0` for llama-server) come in
+    `extra_body`, which overrides the defaults here. One `time.perf_counter()` is yielded for each SSE data chunk
+    that carries new text or token ids. When the server reports `usage.completion_tokens` (vLLM with
+    `stream_options.include_usage`; llama-server's final chunk) a length other than the one asked for raises, so a
+    peer that stopped early never counts as fast.
+    """
+
+    def __init__(self, base_url: str, model: str, name: str = "openai", extra_body: dict | None = None,
+                 timeout_s: float = 600.0) -> None:
+        self.name = name
+        self.url = base_url.rstrip("/") + "/v1/completions"
+        self.model = model
+        self.extra_body = dict(extra_body or {})
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+
+    def _session(self):
+        import requests
+
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    def body(self, prompt: str, output_tokens: int) -> dict:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0.0,
+                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        body.update(self.extra_body)
+        return body
+
+    def stream(self, prompt: str, output_tokens: int) -> Iterator[float]:
+        import json
+
+        response = self._session().post(self.url, json=self.body(prompt, output_tokens), stream=True,
+                                        timeout=self.timeout_s)
+        with response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code} from {self.url}: {response.text[:300]}")
+            completion_tokens = None
+            for line in response.iter_lines():
+                if not line or not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    raise RuntimeError(f"server error: {chunk['error']}")
+                usage = chunk.get("usage") or {}
+                if usage.get("completion_tokens") is not None:
+                    completion_tokens = usage["completion_tokens"]
+                for choice in chunk.get("choices") or []:
+                    if choice.get("text") or choice.get("token_ids") or choice.get("tokens"):
+                        yield now
+                        break
+            if completion_tokens is not None and completion_tokens != output_tokens:
+                raise RuntimeError(f"{self.name}: {completion_tokens} tokens generated, {output_tokens} asked for")
