@@ -46,6 +46,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,10 @@ PEERS_DIR = ROOT / ".peers"
 VLLM_VENV = ROOT / ".venv-vllm"
 LLAMA_VENV = ROOT / ".venv-llama"
 SERVED_NAME = "smollm2"
-PEER_NAMES = ("vllm-fp32", "vllm-bf16", "llama-f32", "llama-q8_0")
+# Ours: the bundled model built (content-cached) at that precision, served by tritonserver, reached over gRPC
+# streaming on the ensemble; --prefix-caching turns the engine's prefix reuse on, as it does for the peers.
+OUR_SYSTEMS = ("tritonllm-fp32", "tritonllm-int8")
+PEER_NAMES = ("vllm-fp32", "vllm-bf16", "llama-f32", "llama-q8_0", *OUR_SYSTEMS)
 
 
 # ---------------------------------------------------------------------------------------------------- server lifetime
@@ -382,11 +386,61 @@ def make_prompts(args, tokenizer) -> tuple[list[str], dict]:
 # ---------------------------------------------------------------------------------------------------- main
 
 
+def measure_levels(name: str, backend, args, prompts: list[str], meta: dict,
+                   exited: Callable[[], str | None]) -> list:
+    """One request, a warm-up round, then every concurrency level over the same prompts."""
+    from tritonllm.client.bench import first_error, run_level
+
+    error = first_error(backend, prompts[0], args.output_tokens)
+    if error:
+        raise RuntimeError(f"{name}: first request failed: {error}; {exited() or ''}")
+    if args.warmup:  # one round at the highest level first: lazy compiles and allocations happen outside the run
+        run_level(backend, prompts[: max(args.concurrency)], args.output_tokens, max(args.concurrency))
+    results = []
+    for concurrency in args.concurrency:
+        load_before = os.getloadavg()[0]
+        result = run_level(backend, prompts, args.output_tokens, concurrency)
+        print(f"{name} c{concurrency}: {result.output_tokens_per_s:.1f} out tok/s, TTFT p99 "
+              f"{result.ttft_s['p99']:.3f} s, errors {result.errors} (load avg {load_before:.1f}"
+              f"->{os.getloadavg()[0]:.1f})", file=sys.stderr)
+        meta.setdefault("load_avg_1m", {})[concurrency] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        results.append(result)
+        problem = exited()
+        if problem:
+            raise RuntimeError(f"{name} exited during the run; {problem}")
+    return results
+
+
+def measure_ours(name: str, args, prompts: list[str], out_dir: Path) -> tuple[list, dict]:
+    from tritonllm.builders.pipeline import build
+    from tritonllm.client.peers import TritonStream
+    from tritonllm.contract import EngineSettings
+    from tritonllm.server import TritonServer
+
+    precision = name.split("-", 1)[1]
+    engine = EngineSettings(precision=precision,
+                            prefix_cache_max_tokens=EngineSettings.prefix_cache_max_tokens if args.prefix_caching else 0)
+    built = build(model=None, precision=precision, engine=engine)
+    log_path = out_dir / f"{name}.log"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"repository": str(built.repository_dir), "engine": {"precision": precision,
+            "prefix_cache_max_tokens": engine.prefix_cache_max_tokens, "max_batch_size": engine.max_batch_size,
+            "prefill_chunk_tokens": engine.prefill_chunk_tokens}, "protocol": "gRPC streaming, model ensemble"}
+    started = time.perf_counter()
+    with TritonServer(built.repository_dir, log_file=log_path) as server:
+        meta["startup_s"] = round(time.perf_counter() - started, 1)
+        backend = TritonStream(server.endpoints.grpc_url, name=name)
+        results = measure_levels(name, backend, args, prompts, meta,
+                                 lambda: None if server.is_running() else f"log tail:\n{_tail(log_path)}")
+    return results, meta
+
+
 def measure_peer(name: str, args, prompts: list[str], prompt_meta: dict, hf_dir: str,
                  out_dir: Path) -> tuple[list, dict]:
-    from tritonllm.client.bench import first_error, run_level
     from tritonllm.client.peers import OpenAICompletionsStream
 
+    if name in OUR_SYSTEMS:
+        return measure_ours(name, args, prompts, out_dir)
     port = args.port
     if name.startswith("vllm"):
         spec = vllm_spec(name, args, port, hf_dir)
@@ -400,22 +454,8 @@ def measure_peer(name: str, args, prompts: list[str], prompt_meta: dict, hf_dir:
         meta["startup_s"] = round(wait_ready(process, base_url, log_path, args.startup_timeout), 1)
         print(f"{name}: ready in {meta['startup_s']} s", file=sys.stderr)
         backend = OpenAICompletionsStream(base_url, SERVED_NAME, name=name, extra_body=spec.extra_body)
-        error = first_error(backend, prompts[0], args.output_tokens)
-        if error:
-            raise RuntimeError(f"{name}: first request failed: {error}; log tail:\n{_tail(log_path)}")
-        if args.warmup:  # one round at the highest level first: lazy compiles and allocations happen outside the run
-            run_level(backend, prompts[: max(args.concurrency)], args.output_tokens, max(args.concurrency))
-        results = []
-        for concurrency in args.concurrency:
-            load_before = os.getloadavg()[0]
-            result = run_level(backend, prompts, args.output_tokens, concurrency)
-            print(f"{name} c{concurrency}: {result.output_tokens_per_s:.1f} out tok/s, TTFT p99 "
-                  f"{result.ttft_s['p99']:.3f} s, errors {result.errors} (load avg {load_before:.1f}"
-                  f"->{os.getloadavg()[0]:.1f})", file=sys.stderr)
-            meta.setdefault("load_avg_1m", {})[concurrency] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-            results.append(result)
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited during the run; log tail:\n{_tail(log_path)}")
+        results = measure_levels(name, backend, args, prompts, meta,
+                                 lambda: None if process.poll() is None else f"log tail:\n{_tail(log_path)}")
         return results, meta
     finally:
         stop_server(process)
