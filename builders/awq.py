@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 ALPHAS = tuple(i / 8 for i in range(9))
@@ -127,11 +126,3 @@ def apply_awq(model: torch.nn.Module, token_lists: Sequence[Sequence[int]], bloc
                 norm.weight.div_(scale)
     return chosen
 
-
-def calibration_tokens(tokenizer, texts: Sequence[str], max_tokens: int = 256) -> list[list[int]]:
-    return [ids[:max_tokens] for ids in (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
-            if len(ids) >= 8]
-
-
-def mean_alpha(chosen: dict[str, float]) -> float:
-    return float(np.mean(list(chosen.values()))) if chosen else 0.0

@@ -66,9 +66,6 @@ class DecoderGeometry:
     graph: str = "gqa-shared-buffer"
     quantization: str = "none"
 
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.cache_dtype).itemsize
-
     def save(self, folder: Path) -> None:
         (Path(folder) / METADATA_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
@@ -137,7 +134,6 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
                 ) -> tuple["onnx.ModelProto", DecoderGeometry]:
     """The fp32 graph with its weights in memory, and its geometry; `prepare` may rewrite the loaded model's weights
     first (AWQ scaling for int4)."""
-    import onnx
     from onnx import TensorProto, helper
     from transformers import AutoConfig, AutoModelForCausalLM
 

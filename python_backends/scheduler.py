@@ -78,10 +78,6 @@ class StepPlan:
     stores: list[PrefixStore] = field(default_factory=list)  # after the prefill runs
     decode: list[SequenceState] = field(default_factory=list)  # sequence i is in slot i
 
-    @property
-    def empty(self) -> bool:
-        return not (self.prefills or self.decode)
-
 
 @dataclass(frozen=True)
 class SchedulerLimits:
