@@ -20,7 +20,8 @@ from typing import Any, Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, ENGINE_PARAMETERS, PATH_PARAMETERS,
+from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, DEFAULT_ENSEMBLE_GRPC_URL,
+                                ENGINE_PARAMETERS, ENSEMBLE_URL_PARAMETER, PATH_PARAMETERS,
                                 CacheSettings, EngineSettings, SettingsError, check_decoder_precision, decode_setting,
                                 read_parameters)
 
@@ -242,7 +243,13 @@ def _check_context_length(file: str, text: str, configs: Mapping[str, mc.ModelCo
 def _check_called_model(name: str, config: mc.ModelConfig, configs: Mapping[str, mc.ModelConfig],
                         unreadable: Collection[str]) -> list[Finding]:
     """A front model that streams a called model's answers must exist and be decoupled itself."""
-    callee = read_parameters(config).get(CALLED_MODEL_PARAMETER)
+    parameters = read_parameters(config)
+    url = parameters.get(ENSEMBLE_URL_PARAMETER)
+    if url is not None and not _is_host_port(url):
+        return [Finding(f"{name}/{CONFIG_FILE}", f"parameters[{ENSEMBLE_URL_PARAMETER}]",
+                        f"is {url!r}; allowed: HOST:PORT of this server's gRPC endpoint (port 1..65535), "
+                        f"e.g. {DEFAULT_ENSEMBLE_GRPC_URL}")]
+    callee = parameters.get(CALLED_MODEL_PARAMETER)
     if callee is None or callee in unreadable:
         return []
     file, field = f"{name}/{CONFIG_FILE}", f"parameters[{CALLED_MODEL_PARAMETER}]"
@@ -253,6 +260,11 @@ def _check_called_model(name: str, config: mc.ModelConfig, configs: Mapping[str,
         return [Finding(file, "model_transaction_policy.decoupled", f"is false but the called model {callee!r} is "
                         "decoupled, so its streamed answer cannot be passed on; allowed: true")]
     return []
+
+
+def _is_host_port(url: str) -> bool:
+    host, _, port = url.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 # --- ensembles -------------------------------------------------------------------------------------------------------

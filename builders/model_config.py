@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from google.protobuf import text_encoding
 
-from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, ENGINE_PARAMETERS, ENSEMBLE_INPUTS,
+from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, DEFAULT_ENSEMBLE_GRPC_URL,
+                                ENGINE_PARAMETERS, ENSEMBLE_INPUTS, ENSEMBLE_URL_PARAMETER,
                                 ENSEMBLE_OUTPUTS, FORWARDED_INPUTS_PARAMETER, FRONT_INPUTS,
                                 ONNX_ENGINE_ONLY_INPUTS, FRONT_OUTPUTS, RepositorySettings, SettingsError,
                                 encode_parameter, render_tensors)
@@ -83,6 +84,7 @@ def template_values(model: str, settings: RepositorySettings) -> dict[str, str]:
                 **_string_parameters(**{key: getattr(settings.cache, key) for key in CACHE_PARAMETERS},
                                      embedder_path=EMBEDDER_FOLDER,
                                      **{CALLED_MODEL_PARAMETER: ENSEMBLE,
+                                        ENSEMBLE_URL_PARAMETER: DEFAULT_ENSEMBLE_GRPC_URL,
                                         FORWARDED_INPUTS_PARAMETER: ",".join(
                                             tensor.name for tensor in ensemble_inputs(settings))})}
     raise ValueError(f"unknown model {model!r}; allowed: {ENSEMBLE}, {PREPROCESSING}, {ENGINE}, {TENSORRT_LLM}, "

@@ -14,14 +14,14 @@ rather than keyed on `exclude_input_in_output`: a streamed answer never repeats 
 streamed request and a non-streamed one with `exclude_input_in_output` share one answer, byte for byte.
 
 The model.py adapter turns Triton tensors into numpy arrays for `Front.parse` and supplies three callables to
-`Front.serve`: `generate()` (the ensemble's text pieces, via BLS), `send(Reply)` and `cancelled()`.
+`Front.serve`: `generate()` (the ensemble's text pieces, streamed), `send(Reply)` and `cancelled()`.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -120,12 +120,17 @@ class Front:
                 return f"hit (similarity {lookup.hit.similarity:.4f})"
         similarity = lookup.best_similarity if lookup is not None else 0.0
         pieces: list[bytes] = []
-        for piece in generate():
-            if cancelled():
-                raise Cancelled("request cancelled by the client")
-            if request.stream and pieces:
-                send(Reply(pieces[-1], False, similarity, False))  # one behind, so the last carries the final flag
-            pieces.append(piece)
+        stream = generate()
+        try:
+            for piece in stream:
+                if cancelled():
+                    raise Cancelled("request cancelled by the client")
+                if request.stream and pieces:
+                    send(Reply(pieces[-1], False, similarity, False))  # one behind: the last carries the final flag
+                pieces.append(piece)
+        finally:
+            if isinstance(stream, Generator):
+                stream.close()  # at once, not when collected: closing the ensemble's stream cancels its request
         if cancelled():
             raise Cancelled("request cancelled by the client")
         outcome = "miss, not cached" if not caching else "miss, stored"

@@ -138,6 +138,8 @@ BROKEN = {
     "streamed pieces may reorder": (
         edit("postprocessing", several_unordered_instances),
         "postprocessing/config.pbtxt", "dynamic_batching.preserve_ordering"),
+    "front model's gRPC address not HOST:PORT": (edit("llm", set_parameter("ensemble_grpc_url", "localhost")),
+                                                "llm/config.pbtxt", "parameters[ensemble_grpc_url]"),
     "required step input left unmapped": (
         edit("ensemble", unmap_input("engine", "request_output_len")),
         "ensemble/config.pbtxt", "step[engine].input_map"),

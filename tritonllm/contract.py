@@ -255,6 +255,11 @@ CACHE_PARAMETERS: tuple[str, ...] = tuple(f.name for f in fields(CacheSettings))
 CALLED_MODEL_PARAMETER = "ensemble_model_name"
 # Parameter of the front model listing the ensemble inputs it forwards (comma-separated): those the ensemble offers.
 FORWARDED_INPUTS_PARAMETER = "ensemble_inputs"
+# Parameter of the front model: tritonserver's own gRPC address, where it streams cache misses from the ensemble.
+ENSEMBLE_URL_PARAMETER = "ensemble_grpc_url"
+DEFAULT_ENSEMBLE_GRPC_URL = "127.0.0.1:8001"  # tritonserver's default gRPC port
+# Set by tritonllm's launcher for the stubs (it knows the port it chose); wins over the parameter.
+ENSEMBLE_URL_ENVIRONMENT = "TRITONLLM_GRPC_URL"
 # Ensemble inputs only the ONNX Runtime engine reads.
 ONNX_ENGINE_ONLY_INPUTS: tuple[str, ...] = ("tenant",)
 # Path parameters (relative to the version folder) -> a file the path must hold ("" : the path itself is the file or

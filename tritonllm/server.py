@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritonllm.contract import ENSEMBLE_URL_ENVIRONMENT
 from tritonllm.paths import cache_dir
 
 NGC_ROOT = Path("/opt/tritonserver")
@@ -149,7 +150,8 @@ class TritonServer:
         installation = find_tritonserver()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "wb")
-        env = os.environ | installation.env
+        # The front model streams cache misses from the ensemble over this server's gRPC port.
+        env = os.environ | installation.env | {ENSEMBLE_URL_ENVIRONMENT: self.endpoints.grpc_url}
         # Own process group, so Ctrl-C in the terminal reaches us first and we shut the server down in order.
         self.process = subprocess.Popen(self.command(installation), stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
@@ -160,17 +162,21 @@ class TritonServer:
     def _wait_ready(self, timeout: float) -> None:
         import tritonclient.http as httpclient
 
-        client = httpclient.InferenceServerClient(self.endpoints.http_url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while loading; "
                                   f"log: {self.log_file}\n{self.log_tail()}")
+            # A fresh client each time, closed at once: an idle keep-alive connection would hold tritonserver's
+            # shutdown for its whole exit timeout, after which models are not unloaded (no finalize, no snapshot).
+            client = httpclient.InferenceServerClient(self.endpoints.http_url)
             try:
                 if client.is_server_ready():
                     return
             except Exception:  # not listening yet
                 pass
+            finally:
+                client.close()
             time.sleep(0.25)
         self.stop()
         raise ServerError(f"tritonserver was not ready after {timeout:.0f} s; log: {self.log_file}\n{self.log_tail()}")

@@ -1,5 +1,6 @@
 """Triton adapter of the front model `llm` (decoupled): semantic cache hits are answered here, misses stream from the
-ensemble through BLS. The logic lives in tritonllm.python_backends.front; this file only moves tensors.
+ensemble over the server's own gRPC endpoint (python_backends/ensemble_stream.py says why not BLS). The logic lives
+in tritonllm.python_backends.front; this file only moves tensors.
 
 Each request is served on a worker thread so that many streams run at once (cache lookups of requests arriving
 together are batched by the embedder); `execute` returns at once, as a decoupled model may.
@@ -8,26 +9,25 @@ together are batched by the embedder); `execute` returns at once, as a decoupled
 from __future__ import annotations
 
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tritonllm.contract import ENSEMBLE_URL_PARAMETER
 from tritonllm.python_backends import front
+from tritonllm.python_backends.ensemble_stream import EnsembleFailure, ensemble_url, stream_pieces
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 from tritonllm.python_backends.semantic_cache import CacheStats
 from tritonllm.python_backends.triton_io import get_input, model_setup, triton_error
 
 MAX_CONCURRENT_REQUESTS = 256  # worker threads; they mostly wait on the ensemble's stream
+ENSEMBLE_RESPONSE_TIMEOUT_SECONDS = 600.0  # between two responses of the ensemble (a queued request waits long)
+# gRPC status names of an ensemble error -> the code it is passed on with (others: INTERNAL).
+PASSED_ON_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "UNAVAILABLE": "UNAVAILABLE", "CANCELLED": "CANCELLED",
+                   "DEADLINE_EXCEEDED": "UNAVAILABLE", "RESOURCE_EXHAUSTED": "UNAVAILABLE", "NOT_FOUND": "NOT_FOUND"}
 LOOKUP_SECONDS_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0]
-
-
-class EnsembleError(Exception):
-    """The ensemble answered with an error; it is passed on to the client with its own code."""
-
-    def __init__(self, error: pb_utils.TritonError) -> None:
-        super().__init__(error.message())
-        self.error = error
 
 
 class CacheMetrics:
@@ -78,6 +78,7 @@ class TritonPythonModel:
         self.metrics = CacheMetrics()
         self.front, loaded = front.build_front(parameters, version_dir, self.metrics.observe_lookup)
         self.ensemble = self.front.model
+        self.ensemble_url = ensemble_url(parameters.get(ENSEMBLE_URL_PARAMETER))
         if loaded.problem:
             pb_utils.Logger.log_warn(f"llm: {loaded.problem}")
         elif self.front.cache is not None:
@@ -105,8 +106,9 @@ class TritonPythonModel:
             pb_utils.Logger.log_verbose(f"llm: {outcome}")
         except front.Cancelled as error:
             self.fail(sender, pb_utils.TritonError(str(error), pb_utils.TritonError.CANCELLED))
-        except EnsembleError as error:
-            self.fail(sender, error.error)
+        except EnsembleFailure as error:
+            code = getattr(pb_utils.TritonError, PASSED_ON_CODES.get(error.status, "INTERNAL"))
+            self.fail(sender, pb_utils.TritonError(str(error), code))
         except Exception as error:  # anything else still ends the stream, with the reason
             self.fail(sender, pb_utils.TritonError(f"llm: {type(error).__name__}: {error}"))
         finally:
@@ -115,15 +117,8 @@ class TritonPythonModel:
 
     def generate(self, parsed: front.FrontRequest):
         """The ensemble's text pieces, as they stream in."""
-        inputs = [pb_utils.Tensor(name, array) for name, array in parsed.ensemble_inputs.items()]
-        call = pb_utils.InferenceRequest(model_name=self.ensemble, inputs=inputs,
-                                         requested_output_names=["text_output"])
-        for response in call.exec(decoupled=True):
-            if response.has_error():
-                raise EnsembleError(response.error())
-            tensor = pb_utils.get_output_tensor_by_name(response, "text_output")
-            if tensor is not None:  # the closing response of a stream may carry no tensors
-                yield b"".join(tensor.as_numpy().reshape(-1).tolist())
+        return stream_pieces(self.ensemble_url, self.ensemble, parsed.ensemble_inputs, uuid.uuid4().hex,
+                             ENSEMBLE_RESPONSE_TIMEOUT_SECONDS)
 
     @staticmethod
     def send(sender, reply: front.Reply) -> None:
