@@ -10,7 +10,8 @@ from __future__ import annotations
 from google.protobuf import text_encoding
 
 from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, DEFAULT_ENSEMBLE_GRPC_URL,
-                                ENGINE_PARAMETERS, ENSEMBLE_INPUTS, ENSEMBLE_URL_PARAMETER,
+                                ENGINE_MODEL_PARAMETER, ENGINE_PARAMETERS, ENSEMBLE_INPUTS,
+                                ENSEMBLE_URL_PARAMETER,
                                 ENSEMBLE_OUTPUTS, FORWARDED_INPUTS_PARAMETER, FRONT_INPUTS,
                                 ONNX_ENGINE_ONLY_INPUTS, FRONT_OUTPUTS, RepositorySettings, SettingsError,
                                 encode_parameter, render_tensors)
@@ -85,6 +86,7 @@ def template_values(model: str, settings: RepositorySettings) -> dict[str, str]:
                                      embedder_path=EMBEDDER_FOLDER,
                                      **{CALLED_MODEL_PARAMETER: ENSEMBLE,
                                         ENSEMBLE_URL_PARAMETER: DEFAULT_ENSEMBLE_GRPC_URL,
+                                        ENGINE_MODEL_PARAMETER: engine_model_name(settings),
                                         FORWARDED_INPUTS_PARAMETER: ",".join(
                                             tensor.name for tensor in ensemble_inputs(settings))})}
     raise ValueError(f"unknown model {model!r}; allowed: {ENSEMBLE}, {PREPROCESSING}, {ENGINE}, {TENSORRT_LLM}, "

@@ -4,22 +4,27 @@ Why not BLS: with tritonserver 2.51 (python_backend r24.10; the code is unchange
 from several threads of one stub can deadlock it. `exec()` takes the stub's response-iterator map lock while holding
 the GIL; the stub's response thread holds that lock while it waits for one iterator's mutex; and a thread woken in
 that iterator's `__next__` holds the mutex while it waits for the GIL. Seen under gdb with 16 concurrent `llm`
-streams: the stub stops answering and every later `llm` request hangs. gRPC streams share no lock with each other,
-and closing one cancels its request on the server.
+streams: the stub stops answering and every later `llm` request hangs. gRPC streams share no lock with each other.
 
-`stream_pieces` yields the `text_output` bytes of each response; leaving the loop early (the client of the front
-cancelled) closes the stream and cancels the ensemble request. An error response raises `EnsembleFailure`.
+`stream_pieces` yields the `text_output` bytes of each response; an error response raises `EnsembleFailure`. Triton
+does not pass a cancellation on to the engine step: leaving the loop early (the client of the front cancelled)
+stops the generation through cancellation.py.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
 from tritonllm.contract import DEFAULT_ENSEMBLE_GRPC_URL, ENSEMBLE_URL_ENVIRONMENT
+
+# How often a stream waiting for its next response looks whether its own client has cancelled (a request queued in
+# the engine sends nothing for a while).
+CANCEL_POLL_SECONDS = 0.05
 
 
 class EnsembleFailure(Exception):
@@ -36,9 +41,14 @@ def ensemble_url(configured: str | None) -> str:
     return os.environ.get(ENSEMBLE_URL_ENVIRONMENT) or configured or DEFAULT_ENSEMBLE_GRPC_URL
 
 
-def stream_pieces(url: str, model: str, arrays: Mapping[str, np.ndarray], request_id: str,
-                  timeout: float) -> Iterator[bytes]:
-    """The text pieces of `model`'s streamed answer to `arrays` (numpy inputs, batch dimension first)."""
+def stream_pieces(url: str, model: str, arrays: Mapping[str, np.ndarray], request_id: str, timeout: float,
+                  cancelled: Callable[[], bool], stop_in_engine: Callable[[], bool]) -> Iterator[bytes]:
+    """The text pieces of `model`'s streamed answer to `arrays` (numpy inputs, batch dimension first); ends early
+    as soon as `cancelled()` (polled every CANCEL_POLL_SECONDS while waiting) holds.
+
+    A stream left early calls `stop_in_engine()`; when that reached the engine (True), the stream is drained to the
+    engine's final response rather than cancelled: in tritonserver 2.51 an ensemble request cancelled by its client
+    never completes (it stays in flight, holding shutdown for the whole exit timeout)."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
@@ -53,12 +63,17 @@ def stream_pieces(url: str, model: str, arrays: Mapping[str, np.ndarray], reques
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)), stream_timeout=timeout)
         client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
+        deadline = time.monotonic() + timeout
         while not finished:
             try:
-                result, error = responses.get(timeout=timeout)
+                result, error = responses.get(timeout=CANCEL_POLL_SECONDS)
             except queue.Empty:
-                raise EnsembleFailure(f"{model} sent no response within {timeout:.0f} s", "DEADLINE_EXCEEDED") \
-                    from None
+                if cancelled():
+                    return
+                if time.monotonic() > deadline:
+                    raise EnsembleFailure(f"{model} sent no response within {timeout:.0f} s", "DEADLINE_EXCEEDED")
+                continue
+            deadline = time.monotonic() + timeout
             if error is not None:
                 finished = True
                 status = error.status()
@@ -73,5 +88,5 @@ def stream_pieces(url: str, model: str, arrays: Mapping[str, np.ndarray], reques
                               f"ensemble_grpc_url parameter to the server's gRPC address): {error.message()}",
                               "UNAVAILABLE") from None
     finally:
-        client.stop_stream(cancel_requests=not finished)
+        client.stop_stream(cancel_requests=not finished and not stop_in_engine())
         client.close()

@@ -123,16 +123,52 @@ def engine_finished(server: TritonServer) -> int:
     return int(inference["success"]["count"]) + int(inference["fail"]["count"])
 
 
-def test_a_cancelled_stream_is_not_stored(llm, front_server):
-    engine_before = engine_finished(front_server)
-    stream = llm.stream(PROMPT, GenerationParams(max_tokens=300, apply_chat_template=True, tenant="cancel"))
+def engine_metric(server: TritonServer, name: str, **labels: str) -> float:
+    """The engine's metric `name` (with these label values) from /metrics; 0 when it is not there yet."""
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    for line in requests.get(server.endpoints.metrics_url, timeout=10).text.splitlines():
+        if line.startswith(name) and all(label in line for label in wanted):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_cancelled_stream_stops_in_the_engine_and_is_not_stored(llm, front_server):
+    cancelled_before = engine_metric(front_server, "tritonllm_request_finished_total", reason="cancelled")
+    generated_before = engine_metric(front_server, "tritonllm_generation_tokens_total")
+    stream = llm.stream(PROMPT, GenerationParams(max_tokens=400, apply_chat_template=True, tenant="cancel"))
     next(stream)
     stream.close()  # the client cancels the request
     deadline = time.monotonic() + 60
-    while engine_finished(front_server) == engine_before and time.monotonic() < deadline:
-        time.sleep(0.1)  # the generation ends (finished or cancelled) before we look again
-    _, hits, _ = ask(llm, tenant="cancel", max_tokens=300)
+    while (engine_metric(front_server, "tritonllm_request_finished_total", reason="cancelled") == cancelled_before
+           and time.monotonic() < deadline):
+        time.sleep(0.1)  # the engine's metrics are flushed periodically
+    # The engine itself ended the generation as cancelled, long before its 400 tokens.
+    assert engine_metric(front_server, "tritonllm_request_finished_total", reason="cancelled") == cancelled_before + 1
+    assert engine_metric(front_server, "tritonllm_generation_tokens_total") - generated_before < 200
+    _, hits, _ = ask(llm, tenant="cancel", max_tokens=400)
     assert not any(hits)
+
+
+def test_many_concurrent_misses_all_complete(front_server):
+    """16 streams at once, each followed by the next: the front's calls to the ensemble never block each other
+    (decoupled BLS from several threads deadlocked the stub in tritonserver 2.51)."""
+    errors: list[Exception] = []
+
+    def worker(index: int) -> None:
+        client = LLMClient(front_server.endpoints.grpc_url, "grpc", model="llm", timeout=120)
+        try:
+            for turn in range(6):
+                ask(client, f"Question {index}-{turn}: why?", tenant=f"many-{index}", cache="bypass",
+                    max_tokens=1 + (index + turn) % 5)
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
 
 
 def test_an_unknown_cache_mode_is_refused(llm):

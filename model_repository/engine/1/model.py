@@ -11,6 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonllm.contract import EngineSettings, check_decoder_precision, required_parameter, settings_from_parameters
+from tritonllm.python_backends.cancellation import CancellationBoard
 from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 from tritonllm.python_backends.metrics import EngineMetrics
@@ -31,6 +32,8 @@ class TritonPythonModel:
         check_decoder_precision(onnx_path, settings.precision)
         # end_id comes with each request (preprocessing fills in the model's eos); pad_id needs no default: padded
         # prefill positions are masked, so the pad token never changes the text.
+        # Cancellations the front model posts (Triton does not pass a client's cancel into ensemble steps).
+        self.board = CancellationBoard(args["model_name"])
         self.engine = Engine(onnx_path, settings, token_timer=self.metrics.timings)
         self.metrics.start(self.engine.stats)
 
@@ -39,8 +42,10 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 generation = self._generation_request(request)
-                self.engine.submit(generation, lambda output, sender=sender: self._send(sender, output),
-                                   request.is_cancelled)
+                request_id = request.request_id()
+                self.engine.submit(generation,
+                                   lambda output, sender=sender, id=request_id: self._send(sender, output, id),
+                                   lambda request=request, id=request_id: self._is_cancelled(request, id))
             except (InvalidArgument, Unavailable) as error:
                 sender.send(pb_utils.InferenceResponse(error=triton_error(error)), flags=FINAL)
         return None
@@ -48,6 +53,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.engine.shutdown()
         self.metrics.close()
+        self.board.close()
 
     @staticmethod
     def _generation_request(request) -> GenerationRequest:
@@ -80,9 +86,18 @@ class TritonPythonModel:
             sampling=sampling, streaming=bool(scalar("streaming", np.bool_, False)),
             exclude_input_in_output=bool(scalar("exclude_input_in_output", np.bool_, False)))
 
-    @staticmethod
-    def _send(sender, output: EngineOutput) -> None:
+    def _is_cancelled(self, request, request_id: str) -> bool:
+        """Polled on the engine's loop thread: the board first (a socket read), then Triton (a round trip)."""
+        return bool(request_id) and request_id in self.board.cancelled_ids() or request.is_cancelled()
+
+    def _send(self, sender, output: EngineOutput, request_id: str) -> None:
         """Called on the engine's loop thread for every output of the request."""
+        if output.final and request_id in self.board.cancelled_ids():
+            # Stopped through the board: the front is draining the stream; an error here would end the ensemble
+            # request while its earlier pieces are still in postprocessing (Triton 2.51 then never completes it).
+            self.board.forget(request_id)
+            sender.send(flags=FINAL)
+            return
         if output.finish_reason is FinishReason.CANCELLED:
             error = pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
         elif output.finish_reason is FinishReason.ERROR:

@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.contract import ENSEMBLE_URL_PARAMETER
+from tritonllm.contract import ENGINE_MODEL_PARAMETER, ENSEMBLE_URL_PARAMETER
 from tritonllm.python_backends import front
+from tritonllm.python_backends.cancellation import post_cancellation
 from tritonllm.python_backends.ensemble_stream import EnsembleFailure, ensemble_url, stream_pieces
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 from tritonllm.python_backends.semantic_cache import CacheStats
@@ -79,6 +80,7 @@ class TritonPythonModel:
         self.front, loaded = front.build_front(parameters, version_dir, self.metrics.observe_lookup)
         self.ensemble = self.front.model
         self.ensemble_url = ensemble_url(parameters.get(ENSEMBLE_URL_PARAMETER))
+        self.engine_model = parameters.get(ENGINE_MODEL_PARAMETER)
         if loaded.problem:
             pb_utils.Logger.log_warn(f"llm: {loaded.problem}")
         elif self.front.cache is not None:
@@ -101,8 +103,8 @@ class TritonPythonModel:
 
     def serve(self, parsed: front.FrontRequest, sender, cancelled) -> None:
         try:
-            outcome = self.front.serve(parsed, lambda: self.generate(parsed), lambda reply: self.send(sender, reply),
-                                       cancelled)
+            outcome = self.front.serve(parsed, lambda: self.generate(parsed, cancelled),
+                                       lambda reply: self.send(sender, reply), cancelled)
             pb_utils.Logger.log_verbose(f"llm: {outcome}")
         except front.Cancelled as error:
             self.fail(sender, pb_utils.TritonError(str(error), pb_utils.TritonError.CANCELLED))
@@ -115,10 +117,12 @@ class TritonPythonModel:
             if self.front.cache is not None:
                 self.metrics.update(self.front.cache.stats())
 
-    def generate(self, parsed: front.FrontRequest):
-        """The ensemble's text pieces, as they stream in."""
-        return stream_pieces(self.ensemble_url, self.ensemble, parsed.ensemble_inputs, uuid.uuid4().hex,
-                             ENSEMBLE_RESPONSE_TIMEOUT_SECONDS)
+    def generate(self, parsed: front.FrontRequest, cancelled):
+        """The ensemble's text pieces, as they stream in; a cancelled client's generation is stopped in the engine."""
+        request_id = uuid.uuid4().hex
+        return stream_pieces(self.ensemble_url, self.ensemble, parsed.ensemble_inputs, request_id,
+                             ENSEMBLE_RESPONSE_TIMEOUT_SECONDS, cancelled,
+                             lambda: bool(self.engine_model) and post_cancellation(self.engine_model, request_id))
 
     @staticmethod
     def send(sender, reply: front.Reply) -> None:
