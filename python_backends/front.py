@@ -9,7 +9,7 @@ An answer is stored only when the ensemble finished without error and the client
 the final response goes out, so a client that repeats the prompt right after the answer completes gets a hit.
 
 The cache key holds every input that changes the text: max_tokens, temperature, top_p, top_k, seed, min_tokens,
-end_id, stop/bad words, apply_chat_template, and whether the prompt is echoed in the output. The echo is derived
+end_id, stop/bad words, apply_chat_template, the guided_* constraint, and whether the prompt is echoed in the output. The echo is derived
 rather than keyed on `exclude_input_in_output`: a streamed answer never repeats the prompt (engine contract), so a
 streamed request and a non-streamed one with `exclude_input_in_output` share one answer, byte for byte.
 
@@ -40,7 +40,7 @@ ENSEMBLE_INPUTS: dict[str, np.dtype] = {tensor.name: np.dtype(tensor.numpy_dtype
                                         for tensor in contract.ENSEMBLE_INPUTS}
 REQUEST_INPUTS: dict[str, np.dtype] = {tensor.name: np.dtype(tensor.numpy_dtype) for tensor in contract.FRONT_INPUTS}
 SCALAR_KEY_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_tokens", "end_id",
-                     "apply_chat_template")
+                     "apply_chat_template", *contract.GUIDED_INPUTS)
 WORDS_KEY_INPUTS = ("stop_words", "bad_words")
 HIT_PIECE_WORDS = 4  # a streamed hit is sent a few words per response, like a generation would arrive
 DEFAULT_SNAPSHOT_FILE = "cache_snapshot"
