@@ -2,8 +2,9 @@
 
 The grammar engine is llguidance (see README "Structured output" for why it, and what it costs per token):
 - `GuideSpec`: what one request asked for, from its `guided_*` input (at most one of GUIDED_INPUTS).
-- `GrammarCompiler` (one per engine): the tokenizer's token table, built once, and the compiled grammars, cached by
-  content; `compile` runs on the submitting thread (never the engine loop) and raises InvalidArgument naming the
+- `GrammarCompiler` (one per engine): the tokenizer's token table, built once from token_bytes.TokenBytes (the bytes
+  the detokenizer sends, so grammar and answer agree byte for byte; llguidance's own reading of a tokenizer.json
+  misreads the byte-level decoder of SmolLM2's GGUF conversion), and the compiled grammars, cached by content; `compile` runs on the submitting thread (never the engine loop) and raises InvalidArgument naming the
   input and the compiler's message. Every request gets its own matcher, a cheap copy of the cached one.
 - `TokenGuide`: the matcher of one sequence; the engine feeds it each sampled token.
 - `MaskWorker`: the allowed-token masks of a batch's guided sequences, computed on a worker thread while the forward
@@ -30,13 +31,20 @@ import llguidance.numpy as llguidance_numpy
 import numpy as np
 
 from tritonllm.contract import GUIDED_INPUTS
+from tokenizers import Tokenizer
+
 from tritonllm.python_backends.errors import InvalidArgument
+from tritonllm.python_backends.token_bytes import TokenBytes
 
 # Request input -> llguidance grammar format. guided_grammar takes Lark or GBNF (llama.cpp) text; guided_choice a
 # JSON list of strings.
 GRAMMAR_FORMATS: dict[str, str] = {"guided_json": "json_schema", "guided_regex": "regex",
                                    "guided_grammar": "grammar", "guided_choice": "choice"}
 assert tuple(GRAMMAR_FORMATS) == GUIDED_INPUTS, "every guided input of the contract needs a grammar format"
+# JSON is written in json.dumps' style, with one space after ':' and ',' and no other whitespace: flexible whitespace
+# lets a small model fill its token budget with blank lines (seen with the tiny test model) and never close the
+# document. A schema's own "x-guidance" options override these.
+JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 COMPILED_GRAMMARS_KEPT = 256  # distinct grammars whose compiled matcher stays cached
 
 
@@ -90,7 +98,8 @@ class GrammarCompiler:
         if not tokenizer_json.is_file():
             raise FileNotFoundError(f"{tokenizer_json} not found: guided decoding needs the model's tokenizer.json")
         # n_vocab: the model's logits may have more rows than the tokenizer has tokens.
-        self.tokenizer = llguidance.LLTokenizer(tokenizer_json.read_text(encoding="utf-8"), n_vocab=vocab_size)
+        self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_TokenTable(tokenizer_json)),
+                                                n_vocab=vocab_size)
         self.vocab_size = vocab_size
         self._compiled: OrderedDict[GuideSpec, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()  # Triton may call execute from more than one thread
@@ -122,13 +131,39 @@ class GrammarCompiler:
             if name == "guided_json" and not isinstance(value, (dict, bool)):
                 raise InvalidArgument(f"input {name} must be a JSON schema (an object), got {text[:200]!r}")
         try:
-            grammar = llguidance.grammar_from(GRAMMAR_FORMATS[name], text)  # type: ignore[arg-type]
+            grammar = (llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_LAYOUT)
+                       if name == "guided_json" else llguidance.grammar_from(GRAMMAR_FORMATS[name], text))
         except ValueError as error:
             raise InvalidArgument(f"input {name} does not compile: {error}") from None
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise InvalidArgument(f"input {name} does not compile: {matcher.get_error().strip()}")
         return matcher
+
+
+class _TokenTable:
+    """What llguidance.TokenizerWrapper reads: each token's bytes, the special ones, and a string tokenizer."""
+
+    def __init__(self, tokenizer_json: Path) -> None:
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        special = {token_id: added.content for token_id, added in self._tokenizer.get_added_tokens_decoder().items()
+                   if added.special}
+        if not special:
+            raise ValueError(f"{tokenizer_json}: guided decoding needs a special token to mark the end of text")
+        tokens = list(TokenBytes.from_tokenizer(self._tokenizer).normal)
+        for token_id, content in special.items():  # b"" in the detokenizer's table; llguidance wants their names
+            tokens[token_id] = content.encode("utf-8")
+        self.tokens = tokens
+        self.special_token_ids = sorted(special)
+        # The grammar's end-of-text marker; MaskWorker moves its permission to each request's end_id, so any
+        # special token serves.
+        self.eos_token_id = self.special_token_ids[0]
+        self.bos_token_id = None
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
 
 class PendingMasks:
