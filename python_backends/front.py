@@ -40,7 +40,7 @@ ENSEMBLE_INPUTS: dict[str, np.dtype] = {tensor.name: np.dtype(tensor.numpy_dtype
                                         for tensor in contract.ENSEMBLE_INPUTS}
 REQUEST_INPUTS: dict[str, np.dtype] = {tensor.name: np.dtype(tensor.numpy_dtype) for tensor in contract.FRONT_INPUTS}
 SCALAR_KEY_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_tokens", "end_id",
-                     "apply_chat_template", *contract.GUIDED_INPUTS)
+                     "apply_chat_template")
 WORDS_KEY_INPUTS = ("stop_words", "bad_words")
 HIT_PIECE_WORDS = 4  # a streamed hit is sent a few words per response, like a generation would arrive
 DEFAULT_SNAPSHOT_FILE = "cache_snapshot"
@@ -94,6 +94,7 @@ class Front:
         stream = bool(_scalar(arrays, "stream") or False)
         prompt_in_output = not stream and not _scalar(arrays, "exclude_input_in_output")
         params = (*values.items(), *((name, _words(arrays, name)) for name in WORDS_KEY_INPUTS),
+                  *((name, _text(arrays, name, None)) for name in contract.GUIDED_INPUTS),
                   ("prompt_in_output", prompt_in_output))
         greedy = SamplingParams.from_optional(temperature=values["temperature"], top_k=values["top_k"],
                                               top_p=values["top_p"]).greedy
@@ -192,7 +193,7 @@ def _scalar(arrays: Mapping[str, np.ndarray], name: str) -> Any:
     return value.item() if isinstance(value, np.generic) else value  # BYTES elements are plain bytes
 
 
-def _text(arrays: Mapping[str, np.ndarray], name: str, default: str) -> str:
+def _text(arrays: Mapping[str, np.ndarray], name: str, default: str | None) -> str | None:
     raw = _scalar(arrays, name)
     if raw is None:
         return default
