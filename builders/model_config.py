@@ -62,7 +62,7 @@ def template_values(model: str, settings: RepositorySettings) -> dict[str, str]:
                                      max_context_length=engine.max_context_length)}
     if model == ENGINE:
         return {"triton_max_batch_size": request_batch,
-                **_string_parameters(onnx_path=f"{ONNX_FOLDER}/{ONNX_FILE}",
+                **_string_parameters(onnx_path=f"{ONNX_FOLDER}/{ONNX_FILE}", tokenizer_path=TOKENIZER_FOLDER,
                                      **{key: getattr(engine, key) for key in ENGINE_PARAMETERS})}
     if model == TENSORRT_LLM:
         return {"triton_max_batch_size": request_batch,

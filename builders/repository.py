@@ -126,8 +126,9 @@ def _artifacts(model: str, settings: RepositorySettings) -> list[tuple[Path, str
     """(source folder, folder inside the version folder, file patterns or () for everything) per model."""
     if model in (PREPROCESSING, POSTPROCESSING):
         return [(Path(settings.tokenizer_dir), TOKENIZER_FOLDER, TOKENIZER_FILE_PATTERNS)]
-    if model == ENGINE:
-        return [(Path(settings.onnx_dir), ONNX_FOLDER, ())]
+    if model == ENGINE:  # its tokenizer compiles structured-output grammars
+        return [(Path(settings.onnx_dir), ONNX_FOLDER, ()),
+                (Path(settings.tokenizer_dir), TOKENIZER_FOLDER, TOKENIZER_FILE_PATTERNS)]
     if model == LLM:
         return [(Path(settings.embedder_dir), EMBEDDER_FOLDER, ())]
     return []

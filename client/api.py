@@ -48,6 +48,11 @@ class GenerationParams:
     exclude_input_in_output: bool | None = True
     apply_chat_template: bool | None = None
     tenant: str | None = None  # scopes prefix reuse (engine) and cache entries (llm)
+    # structured output, at most one: JSON schema, regex, Lark/GBNF grammar, JSON list of strings
+    guided_json: str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: str | None = None
     cache: str | None = None  # front model only: use | bypass | refresh
 
 

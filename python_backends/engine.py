@@ -5,6 +5,8 @@ drops cancelled sequences, asks the scheduler (scheduler.py) for a plan, runs it
 runs within `prefill_chunk_tokens`, one batched decode step over every running sequence), samples the next token
 of each sequence that got logits, emits it and marks finished sequences, which the scheduler retires. Requests arrive
 from any thread through `submit`; outputs leave through each request's `emit` callback, called on the loop thread.
+A request with a `guide` (structured output, guided.py) has its grammar compiled in `submit`; the masks of guided
+rows are computed on guided.MaskWorker's thread while the forward pass that needs them runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from tritonllm.contract import EngineSettings
 from tritonllm.python_backends.detokenizer import ENGINE_CONTEXT_TOKENS
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
+from tritonllm.python_backends.guided import GrammarCompiler, GuideSpec, MaskWorker, PendingMasks, TokenGuide
 from tritonllm.python_backends.onnx_runner import OnnxDecoder
 from tritonllm.python_backends.prefix_cache import PrefixCache
 from tritonllm.python_backends.sampling import Sampler, SamplingParams, sample_batch
@@ -46,6 +49,7 @@ class GenerationRequest:
     streaming: bool = False
     exclude_input_in_output: bool = False
     tenant: str = ""  # prefix reuse never crosses tenants
+    guide: GuideSpec | None = None  # structured output: new tokens follow this grammar
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class _Sequence(SequenceState):
     emit: Callable[[EngineOutput], None]
     is_cancelled: Callable[[], bool]
     sampler: Sampler
+    guide: TokenGuide | None = None
     sent: int = 0  # generated ids already emitted (streaming)
     finished: bool = False  # the final output was sent
     last_token_at: float = field(default_factory=time.perf_counter)  # submit time until the first token
@@ -113,13 +118,17 @@ class _Totals:
 class Engine:
     """Continuous batching of generation requests over one ONNX decoder graph (builders/onnx_graph.py)."""
 
-    def __init__(self, onnx_path: Path | str, settings: EngineSettings, token_timer: TokenTimer | None = None) -> None:
+    def __init__(self, onnx_path: Path | str, settings: EngineSettings, token_timer: TokenTimer | None = None,
+                 tokenizer_dir: Path | str | None = None) -> None:
+        """`tokenizer_dir` (a folder holding tokenizer.json) enables guided requests; without it they are refused."""
         settings.validate()
         self.settings = settings
         self.executor = OnnxDecoder(onnx_path, settings.max_batch_size, settings.max_context_length,
                                     settings.intra_op_threads)
         self.vocab_size = self.executor.vocab_size
         self.token_timer = token_timer
+        self.grammars = None if tokenizer_dir is None else GrammarCompiler(tokenizer_dir, self.vocab_size)
+        self.masks = None if self.grammars is None else MaskWorker(self.grammars)
         self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_max_tokens)
         self.scheduler = Scheduler(SchedulerLimits(settings.max_batch_size, settings.kv_cache_max_tokens,
                                                    settings.prefill_chunk_tokens, settings.prefill_group_ratio),
@@ -162,9 +171,16 @@ class Engine:
                                   f"1..{room} (max_context_length {context} minus the {len(prompt)} prompt tokens)")
         params = request.sampling
         params.validate(self.vocab_size)
+        guide = None
+        if request.guide is not None:
+            if self.grammars is None:
+                raise InvalidArgument(f"input {request.guide.input_name}: this engine has no tokenizer configured "
+                                      "(parameter tokenizer_path), so it cannot constrain its output")
+            guide = self.grammars.compile(request.guide)
         return _Sequence(tokens=prompt, prompt_length=len(prompt),
                          reserved_tokens=len(prompt) + request.max_new_tokens, tenant=request.tenant,
-                         request=request, emit=emit, is_cancelled=is_cancelled, sampler=Sampler(params, len(prompt)))
+                         request=request, emit=emit, is_cancelled=is_cancelled, sampler=Sampler(params, len(prompt)),
+                         guide=guide)
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters (read without stopping the loop)."""
@@ -190,6 +206,8 @@ class Engine:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout)
+        if self.masks is not None:
+            self.masks.close()
 
     # ---- loop -------------------------------------------------------------------------------------------------
 
@@ -235,21 +253,23 @@ class Engine:
             self.prefix_cache.store(store.key, pool.read(store.slot, store.start,
                                                           store.start + self.prefix_cache.block_tokens))
         if plan.decode:
+            masks = self._start_masks(plan.decode)
             logits = executor.decode([sequence.tokens[-1] for sequence in plan.decode])
-            self._append_tokens(plan.decode, logits)
+            self._append_tokens(plan.decode, logits, masks)
 
     def _prefill(self, run: PrefillRun) -> None:
         sequences: list[_Sequence] = run.sequences  # type: ignore[assignment]
         chunks = [sequence.tokens[start:end] for sequence, (start, end) in zip(sequences, run.ranges)]
+        completed = [row for row in range(len(sequences)) if run.completes(row)]
+        masks = self._start_masks([sequences[row] for row in completed])
         if run.fresh:
             logits = self.executor.prefill(run.first_slot, chunks)
         else:
             logits = self.executor.extend(run.first_slot, run.ranges[0][0], chunks[0])
-        completed = [row for row in range(len(sequences)) if run.completes(row)]
         self._totals.prompt_tokens += sum(sequences[row].prompt_length for row in completed)
         if completed:
             self._append_tokens([sequences[row] for row in completed],
-                                logits if len(completed) == len(sequences) else logits[completed])
+                                logits if len(completed) == len(sequences) else logits[completed], masks)
 
     def _drop_cancelled(self) -> None:
         for sequence in self.scheduler.in_flight():
@@ -264,13 +284,23 @@ class Engine:
         for sequence in cancelled:
             self._finish(sequence, FinishReason.CANCELLED)
 
-    def _append_tokens(self, sequences: list[_Sequence], logits: np.ndarray) -> None:
+    def _start_masks(self, sequences: list[_Sequence]) -> PendingMasks | None:
+        """Begin the grammar masks of the guided ones among `sequences` (their next logits rows, in order)."""
+        if self.masks is None:
+            return None
+        return self.masks.start([sequence.guide for sequence in sequences],
+                                [sequence.sampler.params.end_id for sequence in sequences])
+
+    def _append_tokens(self, sequences: list[_Sequence], logits: np.ndarray, masks: PendingMasks | None) -> None:
         """Sample the next token of every live sequence from its logits row, emit it, finish where due."""
         live = [row for row, sequence in enumerate(sequences) if not sequence.done]
         if not live:
             return
         chosen = [sequences[row] for row in live]
-        rows = logits if len(live) == len(sequences) else logits[live]
+        if masks is not None:
+            rows = masks.apply(logits, live)
+        else:
+            rows = logits if len(live) == len(sequences) else logits[live]
         next_ids = sample_batch(rows, [s.sampler for s in chosen], [s.tokens for s in chosen])
         if self.token_timer is not None:
             self._time_tokens(chosen)
@@ -278,6 +308,14 @@ class Engine:
         for sequence, token in zip(chosen, next_ids.tolist()):
             sequence.tokens.append(token)
             reason = finish_reason(sequence.sampler.params, sequence.generated, sequence.request.max_new_tokens)
+            if reason is None and sequence.guide is not None:  # a finishing token needs no next mask
+                if not sequence.guide.advance(token):  # only when bans left the grammar no token to allow
+                    self._finish(sequence, FinishReason.ERROR, InvalidArgument(
+                        f"input {sequence.request.guide.input_name}: no token is allowed by both the grammar and "
+                        f"bad_words/min_tokens after {len(sequence.generated) - 1} tokens ({sequence.guide.error})"))
+                    continue
+                if sequence.guide.complete:
+                    reason = FinishReason.GRAMMAR
             if reason is None:
                 if sequence.request.streaming:
                     self._send(sequence, self._stream_piece(sequence, sequence.generated))

@@ -9,7 +9,7 @@ An answer is stored only when the ensemble finished without error and the client
 the final response goes out, so a client that repeats the prompt right after the answer completes gets a hit.
 
 The cache key holds every input that changes the text: max_tokens, temperature, top_p, top_k, seed, min_tokens,
-end_id, stop/bad words, apply_chat_template, and whether the prompt is echoed in the output. The echo is derived
+end_id, stop/bad words, apply_chat_template, the guided_* constraint, and whether the prompt is echoed in the output. The echo is derived
 rather than keyed on `exclude_input_in_output`: a streamed answer never repeats the prompt (engine contract), so a
 streamed request and a non-streamed one with `exclude_input_in_output` share one answer, byte for byte.
 
@@ -94,6 +94,7 @@ class Front:
         stream = bool(_scalar(arrays, "stream") or False)
         prompt_in_output = not stream and not _scalar(arrays, "exclude_input_in_output")
         params = (*values.items(), *((name, _words(arrays, name)) for name in WORDS_KEY_INPUTS),
+                  *((name, _text(arrays, name, None)) for name in contract.GUIDED_INPUTS),
                   ("prompt_in_output", prompt_in_output))
         greedy = SamplingParams.from_optional(temperature=values["temperature"], top_k=values["top_k"],
                                               top_p=values["top_p"]).greedy
@@ -197,7 +198,7 @@ def _scalar(arrays: Mapping[str, np.ndarray], name: str) -> Any:
     return value.item() if isinstance(value, np.generic) else value  # BYTES elements are plain bytes
 
 
-def _text(arrays: Mapping[str, np.ndarray], name: str, default: str) -> str:
+def _text(arrays: Mapping[str, np.ndarray], name: str, default: str | None) -> str | None:
     raw = _scalar(arrays, name)
     if raw is None:
         return default

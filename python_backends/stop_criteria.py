@@ -12,6 +12,7 @@ class FinishReason(str, Enum):
     END_ID = "end_id"  # the end token was produced; it is not part of the output
     STOP_WORD = "stop_word"  # a stop word was completed; it stays in the output
     LENGTH = "length"  # max new tokens reached
+    GRAMMAR = "grammar"  # a guided sequence's document is complete: nothing but the end could follow
     CANCELLED = "cancelled"  # the client cancelled the request
     ERROR = "error"  # the engine failed while running the sequence
 

@@ -7,6 +7,7 @@ the engine is read from Triton's own statistics of the `engine` model.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -89,7 +90,8 @@ def test_a_paraphrase_hits(llm, front_server):
 
 
 @pytest.mark.parametrize("changed", [{"max_tokens": 9}, {"tenant": "someone else"}, {"seed": 5},
-                                     {"apply_chat_template": False}, {"stop_words": ["zzz"]}])
+                                     {"apply_chat_template": False}, {"stop_words": ["zzz"]},
+                                     {"guided_json": '{"type": "object"}'}])
 def test_other_sampling_parameters_or_tenant_miss(llm, front_server, changed):
     ask(llm, tenant="params")
     engine_before = engine_requests(front_server)
@@ -169,6 +171,29 @@ def test_many_concurrent_misses_all_complete(front_server):
     for thread in threads:
         thread.join()
     assert not errors
+
+
+SIZES = {"type": "object", "properties": {"size": {"enum": ["S", "M", "L"]}, "count": {"type": "integer",
+                                                                                    "minimum": 1, "maximum": 9}},
+         "required": ["size", "count"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("model", ["ensemble", "llm"])
+def test_structured_output_over_grpc_and_http_and_bad_schemas_are_invalid_arg(front_server, model):
+    import jsonschema
+
+    endpoints = front_server.endpoints
+    for url, protocol in ((endpoints.grpc_url, "grpc"), (endpoints.http_url, "http")):
+        client = LLMClient(url, protocol, model=model)
+        for stream in (True, False):
+            answer, _, _ = ask(client, "Pick a size.", stream=stream, max_tokens=32, tenant="guided",
+                               guided_json=json.dumps(SIZES))
+            jsonschema.validate(json.loads(answer), SIZES)
+        choice, _, _ = ask(client, "Yes or no?", max_tokens=8, guided_choice='["yes", "no"]')
+        assert choice in ("yes", "no")
+        with pytest.raises(GenerationError, match="input guided_json is not valid JSON"):
+            ask(client, max_tokens=8, guided_json='{"type": "obj')
+    assert front_server.is_running()
 
 
 def test_an_unknown_cache_mode_is_refused(llm):

@@ -28,7 +28,8 @@ ENSEMBLE_INPUTS = {
     "end_id": ("TYPE_INT32", [1], True), "pad_id": ("TYPE_INT32", [1], True),
     "min_tokens": ("TYPE_INT32", [1], True), "stop_words": ("TYPE_STRING", [-1], True),
     "bad_words": ("TYPE_STRING", [-1], True), "seed": ("TYPE_UINT64", [1], True),
-    "apply_chat_template": ("TYPE_BOOL", [1], True), "tenant": ("TYPE_STRING", [1], True)}
+    "apply_chat_template": ("TYPE_BOOL", [1], True), "tenant": ("TYPE_STRING", [1], True),
+    **{name: ("TYPE_STRING", [1], True) for name in ("guided_json", "guided_regex", "guided_grammar", "guided_choice")}}
 ENSEMBLE_OUTPUTS = {"text_output": ("TYPE_STRING", [-1], False)}
 
 
@@ -161,12 +162,14 @@ def test_tensorrt_llm_engine_replaces_the_engine_step(artifacts, tmp_path):
     assert trtllm.dynamic_batching.max_queue_delay_microseconds == 500
 
     ensemble = load_config(repository, ENSEMBLE)
-    # TensorRT-LLM takes no tenant (its own KV reuse is not scoped by tenant): the ensemble does not offer it.
-    without_tenant = {name: value for name, value in ENSEMBLE_INPUTS.items() if name != "tenant"}
-    assert (contract(ensemble.input), contract(ensemble.output)) == (without_tenant, ENSEMBLE_OUTPUTS)
+    # TensorRT-LLM takes no tenant (its own KV reuse is not scoped by tenant) and no guided_* inputs (the ONNX
+    # engine's structured output): the ensemble does not offer them.
+    onnx_only = {"tenant", "guided_json", "guided_regex", "guided_grammar", "guided_choice"}
+    without_onnx_only = {name: value for name, value in ENSEMBLE_INPUTS.items() if name not in onnx_only}
+    assert (contract(ensemble.input), contract(ensemble.output)) == (without_onnx_only, ENSEMBLE_OUTPUTS)
     steps = {step.model_name: step for step in ensemble.ensemble_scheduling.step}
     assert list(steps) == [PREPROCESSING, TENSORRT_LLM, POSTPROCESSING]
-    assert "tenant" not in steps[TENSORRT_LLM].input_map
+    assert not onnx_only & set(steps[TENSORRT_LLM].input_map)
     assert set(steps[TENSORRT_LLM].output_map) == {"output_ids", "sequence_length"}
     assert set(steps[POSTPROCESSING].input_map) == {"TOKENS_BATCH", "SEQUENCE_LENGTH"}
 

@@ -73,7 +73,14 @@ ENSEMBLE_INPUTS: tuple[Tensor, ...] = (
            "ours: wrap the prompt in the model's chat template as one user turn"),
     Tensor("tenant", "TYPE_STRING", (1,), True,
            "ours: whose cached prompt prefixes (engine) and cache entries (llm) a request may use; default ''"),
+    # Structured output (names as in vLLM); at most one per request; ONNX Runtime engine only.
+    Tensor("guided_json", "TYPE_STRING", (1,), True, "the answer is JSON valid under this JSON schema"),
+    Tensor("guided_regex", "TYPE_STRING", (1,), True, "the answer matches this regular expression"),
+    Tensor("guided_grammar", "TYPE_STRING", (1,), True, "the answer follows this Lark or GBNF grammar"),
+    Tensor("guided_choice", "TYPE_STRING", (1,), True, "the answer is one of these strings (a JSON list)"),
 )
+# The structured-output inputs above.
+GUIDED_INPUTS: tuple[str, ...] = tuple(tensor.name for tensor in ENSEMBLE_INPUTS if tensor.name.startswith("guided_"))
 ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = (Tensor("text_output", "TYPE_STRING", (-1,), note="answer text (a piece)"),)
 # The front model `llm`: the ensemble's contract plus these.
 FRONT_ONLY_INPUTS: tuple[Tensor, ...] = (
@@ -263,7 +270,7 @@ DEFAULT_ENSEMBLE_GRPC_URL = "127.0.0.1:8001"  # tritonserver's default gRPC port
 # Set by tritonllm's launcher for the stubs (it knows the port it chose); wins over the parameter.
 ENSEMBLE_URL_ENVIRONMENT = "TRITONLLM_GRPC_URL"
 # Ensemble inputs only the ONNX Runtime engine reads.
-ONNX_ENGINE_ONLY_INPUTS: tuple[str, ...] = ("tenant",)
+ONNX_ENGINE_ONLY_INPUTS: tuple[str, ...] = ("tenant", *GUIDED_INPUTS)
 # Path parameters (relative to the version folder) -> a file the path must hold ("" : the path itself is the file or
 # folder that must exist).
 PATH_PARAMETERS: dict[str, str] = {"tokenizer_path": "tokenizer.json", "onnx_path": "", "embedder_path": ""}

@@ -10,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.contract import EngineSettings, check_decoder_precision, required_parameter, settings_from_parameters
+from tritonllm.contract import (GUIDED_INPUTS, EngineSettings, check_decoder_precision, required_parameter,
+                                settings_from_parameters)
 from tritonllm.python_backends.cancellation import CancellationBoard
 from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
+from tritonllm.python_backends.guided import GuideSpec
 from tritonllm.python_backends.metrics import EngineMetrics
 from tritonllm.python_backends.sampling import SamplingParams, words_from_list
 from tritonllm.python_backends.stop_criteria import FinishReason
@@ -34,7 +36,8 @@ class TritonPythonModel:
         # prefill positions are masked, so the pad token never changes the text.
         # Cancellations the front model posts (Triton does not pass a client's cancel into ensemble steps).
         self.board = CancellationBoard(args["model_name"])
-        self.engine = Engine(onnx_path, settings, token_timer=self.metrics.timings)
+        self.engine = Engine(onnx_path, settings, token_timer=self.metrics.timings,
+                             tokenizer_dir=version_dir / required_parameter(parameters, "tokenizer_path", "engine"))
         self.metrics.start(self.engine.stats)
 
     def execute(self, requests: list) -> None:
@@ -80,10 +83,11 @@ class TritonPythonModel:
             min_tokens=scalar("min_length", np.int32), end_id=scalar("end_id", np.int32),
             stop_words=words("stop_words_list"), bad_words=words("bad_words_list"))
         tenant = scalar("tenant", np.object_, b"")
+        guide = GuideSpec.from_inputs({name: _utf8(scalar(name, np.object_), name) for name in GUIDED_INPUTS})
         return GenerationRequest(
             input_ids=input_ids[0, :length].tolist(), tenant=tenant.decode("utf-8", "replace"),
             max_new_tokens=scalar("request_output_len", np.int32, required=True),
-            sampling=sampling, streaming=bool(scalar("streaming", np.bool_, False)),
+            sampling=sampling, streaming=bool(scalar("streaming", np.bool_, False)), guide=guide,
             exclude_input_in_output=bool(scalar("exclude_input_in_output", np.bool_, False)))
 
     def _is_cancelled(self, request, request_id: str) -> bool:
@@ -101,7 +105,7 @@ class TritonPythonModel:
         if output.finish_reason is FinishReason.CANCELLED:
             error = pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
         elif output.finish_reason is FinishReason.ERROR:
-            error = (triton_error(output.error) if isinstance(output.error, Unavailable)
+            error = (triton_error(output.error) if isinstance(output.error, (InvalidArgument, Unavailable))
                      else pb_utils.TritonError(str(output.error), pb_utils.TritonError.INTERNAL))
         else:
             ids = np.asarray(output.token_ids, dtype=np.int32).reshape(1, 1, -1)
@@ -112,3 +116,12 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if output.final else 0)
             return
         sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+
+
+def _utf8(value: bytes | None, name: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"input {name} must be UTF-8 text") from None
