@@ -1,6 +1,6 @@
 """Measure the semantic cache's parts: hit precision/recall across thresholds, index search latency, embedding latency.
 
-    python benchmarks/cache_eval.py thresholds [--embedder-dir DIR]   # paraphrase set -> precision/recall table
+    python benchmarks/cache_eval.py verifier [--embedder-dir DIR] [--max-false-hit-rate 0.01]  # labelled pairs
     python benchmarks/cache_eval.py index [--entries 100000] [--hnsw] # faiss flat vs our IVF partition (vs HNSW)
     python benchmarks/cache_eval.py embedding [--embedder-dir DIR]    # batch 1 and 8, 1 and 2 threads
     python benchmarks/cache_eval.py e2e --url 127.0.0.1:8001          # a served llm model: hit vs miss over gRPC
@@ -8,13 +8,12 @@
 
 Without --embedder-dir the bundled MiniLM is exported (and checked) into a temporary folder first.
 
-Thresholds: `data/paraphrases.jsonl` holds pairs of a cached prompt `a` and a new prompt `b`: label `hit` (the same
-question reworded: serving a's answer is right) or `miss` (a near miss: another entity, number, direction or a
-negation: serving a's answer is wrong). A pair "hits" when cosine(a, b) >= threshold and, as in the cache, the lexical
-guards pass (same numbers, same polarity, not the same words reordered); the cosine-only table is printed too.
-Precision = right hits / all hits, recall = right hits / should-hit pairs. The recommended threshold is the lowest one
-whose precision is 1.0 on the set, plus `SAFETY_MARGIN`, because a wrong cached answer costs more than a miss and the
-set is small.
+Verifier: `data/cache_pairs_{train,heldout}.jsonl` (make_cache_pairs.py) hold pairs of a cached prompt `a` and a new
+prompt `b`, label `hit` (serving a's answer is right) or `miss` (a near miss), with a category. A pair "hits" as in the
+cache: cosine(a, b) >= threshold and the verifier accepts it. Precision = right hits / all hits, recall = right hits /
+should-hit pairs, false-hit rate = 1 - precision. The threshold is chosen on the train split only (the lowest one
+within the error budget), then the held-out split and the independently written `data/paraphrases.jsonl` are
+reported at it, per category.
 """
 
 from __future__ import annotations
@@ -29,49 +28,59 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).resolve().parent / "data" / "paraphrases.jsonl"
-SAFETY_MARGIN = 0.01
-THRESHOLDS = [round(0.70 + 0.01 * step, 2) for step in range(30)]
+TRAIN = DATA.with_name("cache_pairs_train.jsonl")  # written by make_cache_pairs.py
+HELDOUT = DATA.with_name("cache_pairs_heldout.jsonl")
+THRESHOLDS = [round(0.50 + 0.01 * step, 2) for step in range(50)]
 
 
-def threshold_table(embedder, pairs: list[dict]) -> dict:
-    from tritonllm.python_backends.semantic_cache import lexical_conflict
+def verifier_report(embedder, max_false_hit_rate: float) -> dict:
+    """Tune the threshold on the train split (the lowest cosine at and above which retrieval + verifier serve at most
+    `max_false_hit_rate` wrong hits among all hits), then report the held-out split at it, per category."""
+    train, heldout = load_pairs(TRAIN), load_pairs(HELDOUT)
+    tuned = scored(embedder, train)
+    rows = _rows(*tuned)
+    within = [row["threshold"] for row in rows if row["false_hit_rate"] <= max_false_hit_rate]
+    # the lowest threshold from which every higher one also stays within the budget
+    threshold = next((row["threshold"] for row in rows
+                      if all(higher in within for higher in THRESHOLDS if higher >= row["threshold"])), 1.0)
+    report = {"max_false_hit_rate": max_false_hit_rate, "threshold_from_train": threshold,
+              "train": _at(tuned, threshold), "train_table": rows}
+    for name, pairs in (("heldout", heldout), ("paraphrases_jsonl", load_pairs(DATA))):
+        cosine, should_hit, accepted = scored(embedder, pairs)
+        report[name] = _at((cosine, should_hit, accepted), threshold)
+        report[name]["cosine_only_at_threshold"] = _at((cosine, should_hit, np.ones_like(accepted)), threshold)
+        report[name]["by_kind"] = {kind: _at((cosine[chosen], should_hit[chosen], accepted[chosen]), threshold)
+                                   for kind in sorted({pair["kind"] for pair in pairs})
+                                   for chosen in [np.array([pair["kind"] == kind for pair in pairs])]}
+        report[name]["wrong_hit_pairs"] = [pair for pair, wrong in zip(pairs, (cosine >= threshold) & accepted & ~should_hit)
+                                      if wrong]
+    return report
+
+
+def scored(embedder, pairs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair: cosine of the two prompts, whether it should hit, whether the verifier accepts it."""
+    from tritonllm.python_backends.cache_verifier import conflict
 
     texts = sorted({pair["a"] for pair in pairs} | {pair["b"] for pair in pairs})
     vectors = dict(zip(texts, embedder.embed(texts)))
     cosine = np.array([float(vectors[pair["a"]] @ vectors[pair["b"]]) for pair in pairs])
     should_hit = np.array([pair["label"] == "hit" for pair in pairs])
-    guard_passes = np.array([lexical_conflict(pair["a"], pair["b"]) is None for pair in pairs])
-    cosine_only, cache = _rows(cosine, should_hit, True), _rows(cosine, should_hit, guard_passes)
-    exact = [row["threshold"] for row in cache if row["wrong_hits"] == 0]
-    recommended = round(min(1.0, min(exact) + SAFETY_MARGIN), 2) if exact else None
-    by_kind = {}
-    for kind in sorted({pair["kind"] for pair in pairs}):
-        chosen = np.array([pair["kind"] == kind for pair in pairs])
-        by_kind[kind] = {"pairs": int(chosen.sum()), "max_cosine": float(cosine[chosen].max()),
-                         "median_cosine": float(np.median(cosine[chosen])),
-                         "stopped_by_guards": int((chosen & ~guard_passes).sum())}
-    unguarded_misses = np.where(~should_hit & guard_passes, cosine, -1.0)
-    return {"pairs": {"hit": int(should_hit.sum()), "miss": int((~should_hit).sum())},
-            "cosine_only": cosine_only, "cosine_and_guards": cache,
-            "lowest_threshold_with_precision_1": min(exact) if exact else None,
-            "recommended_threshold": recommended,
-            "recall_at_recommended": next((row["recall"] for row in cache if row["threshold"] == recommended), None),
-            "by_kind": by_kind,
-            "closest_near_miss_past_guards": {**pairs[int(np.argmax(unguarded_misses))],
-                                              "cosine": float(unguarded_misses.max())},
-            "paraphrases_stopped_by_guards": [{**pair, "why": lexical_conflict(pair["a"], pair["b"])}
-                                              for pair, passes in zip(pairs, guard_passes)
-                                              if pair["label"] == "hit" and not passes]}
+    accepted = np.array([conflict(pair["a"], pair["b"]) is None for pair in pairs])
+    return cosine, should_hit, accepted
 
 
-def _rows(cosine: np.ndarray, should_hit: np.ndarray, guard_passes: np.ndarray | bool) -> list[dict]:
-    rows = []
-    for threshold in THRESHOLDS:
-        served = (cosine >= threshold) & guard_passes
-        right, wrong = int((served & should_hit).sum()), int((served & ~should_hit).sum())
-        rows.append({"threshold": threshold, "precision": round(right / (right + wrong), 4) if right + wrong else 1.0,
-                     "recall": round(right / int(should_hit.sum()), 4), "wrong_hits": wrong})
-    return rows
+def _at(scores: tuple[np.ndarray, np.ndarray, np.ndarray], threshold: float) -> dict:
+    cosine, should_hit, accepted = scores
+    served = (cosine >= threshold) & accepted
+    right, wrong = int((served & should_hit).sum()), int((served & ~should_hit).sum())
+    return {"pairs": len(cosine), "should_hit": int(should_hit.sum()), "right_hits": right, "wrong_hits": wrong,
+            "precision": round(right / (right + wrong), 4) if right + wrong else None,
+            "recall": round(right / int(should_hit.sum()), 4) if should_hit.any() else None,
+            "false_hit_rate": round(wrong / (right + wrong), 4) if right + wrong else 0.0}
+
+
+def _rows(cosine: np.ndarray, should_hit: np.ndarray, accepted: np.ndarray) -> list[dict]:
+    return [{"threshold": threshold, **_at((cosine, should_hit, accepted), threshold)} for threshold in THRESHOLDS]
 
 
 def index_latency(entries: int, with_hnsw: bool, queries: int = 1000, dimension: int = 384) -> dict:
@@ -147,41 +156,44 @@ def embedding_latency(embedder_dir: Path, repeats: int = 100) -> dict:
 def end_to_end_latency(url: str, model: str, requests: int, max_tokens: int) -> dict:
     """Streaming gRPC requests to the front model: `requests` distinct questions (misses: a fresh tenant, so nothing is
     cached yet), the same questions again (exact hits), then a paraphrase of each (embedding lookups: hits or misses
-    by the server's threshold). Time to the first response and to the last, per kind."""
+    by the server's threshold and verifier; held-out pairs). Time to the first response and to the last, per kind, and of
+the hits alone."""
     import uuid
 
     from tritonllm.client.api import GenerationParams, LLMClient
 
     client = LLMClient(url, "grpc", model=model)
     params = GenerationParams(max_tokens=max_tokens, apply_chat_template=True, tenant=f"bench-{uuid.uuid4().hex}")
-    pairs = load_pairs()
+    pairs = [pair for pair in load_pairs(HELDOUT) if pair["label"] == "hit"]
     questions = list(dict.fromkeys(pair["a"] for pair in pairs))[:requests]
-    paraphrases = [next(pair["b"] for pair in pairs if pair["a"] == question and pair["label"] == "hit")
-                   for question in questions]
+    paraphrases = [next(pair["b"] for pair in pairs if pair["a"] == question) for question in questions]
     results = {}
     for kind, prompts in (("miss", questions), ("exact_hit", questions), ("paraphrase", paraphrases)):
-        first, total, hits = [], [], 0
+        first, total, hit_totals = [], [], []
         for prompt in prompts:
             started = time.perf_counter()
             events = list(client.events(prompt, params, stream=True))
             first.append(events[0].received_at - started)
             total.append(time.perf_counter() - started)
-            hits += bool(events[0].cache_hit)
-        results[kind] = {"requests": len(prompts), "cache_hits": hits,
+            if events[0].cache_hit:
+                hit_totals.append(total[-1])
+        results[kind] = {"requests": len(prompts), "cache_hits": len(hit_totals),
                          **{f"{name}_{q}_ms": float(np.percentile(np.array(values) * 1e3, int(q[1:])))
-                            for name, values in (("first_response", first), ("total", total))
+                            for name, values in (("first_response", first), ("total", total),
+                                                 ("hit_total", hit_totals)) if values
                             for q in ("p50", "p99")}}
     return results
 
 
-def load_pairs() -> list[dict]:
-    return [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+def load_pairs(path: Path = DATA) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["thresholds", "index", "embedding", "e2e", "all"])
+    parser.add_argument("what", choices=["verifier", "index", "embedding", "e2e", "all"])
     parser.add_argument("--embedder-dir", type=Path, help="an exported embedder folder (default: export one now)")
+    parser.add_argument("--max-false-hit-rate", type=float, default=0.01, help="verifier: the error budget")
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--hnsw", action="store_true", help="also build faiss HNSW (minutes at 100k on 2 cores)")
     parser.add_argument("--url", default="127.0.0.1:8001", help="e2e: gRPC address of the server")
@@ -193,15 +205,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         embedder_dir = args.embedder_dir
-        if embedder_dir is None and args.what in ("thresholds", "embedding", "all"):
+        if embedder_dir is None and args.what in ("verifier", "embedding", "all"):
             from tritonllm.builders.embedder import export_embedder
 
             embedder_dir = export_embedder(Path(scratch) / "embedder")
         results = {}
-        if args.what in ("thresholds", "all"):
+        if args.what in ("verifier", "all"):
             from tritonllm.python_backends.embedding import Embedder
 
-            results["thresholds"] = threshold_table(Embedder(embedder_dir, intra_op_threads=0), load_pairs())
+            results["verifier"] = verifier_report(Embedder(embedder_dir, intra_op_threads=0), args.max_false_hit_rate)
         if args.what in ("embedding", "all"):
             results["embedding"] = embedding_latency(embedder_dir)
         if args.what in ("index", "all"):

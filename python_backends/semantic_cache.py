@@ -5,10 +5,11 @@ An entry is found only inside its partition: tenant + model + every sampling par
 candidate's partition is checked again before it is served).
 
 - Exact repeats (same partition, same prompt) take a hash lookup and skip the embedder.
-- Paraphrases: the prompt's unit vector is searched in the partition's index; the best live candidate whose cosine is
-  >= `similarity_threshold` and that passes the lexical guards (`lexical_conflict`: same numbers, same polarity, not
-  the same words reordered) is a hit. Scores are exact inner products of the stored float32 vectors, so an
-  approximate index can only cost recall, never serve an answer below the threshold.
+- Paraphrases: the prompt's unit vector is searched in the partition's index (retrieval); each live candidate whose
+  cosine is >= `similarity_threshold` goes to the verifier (`cache_verifier.conflict`: same numbers, polarity,
+  question and content words), and the best one it accepts is a hit; a candidate it refuses counts as a verifier
+  rejection. Scores are exact inner products of the stored float32 vectors, so an approximate index can only cost
+  recall, never serve an answer below the threshold.
 - Bounded: `max_entries` with LRU eviction, `ttl_seconds` from the time an answer was stored, `max_answer_bytes`.
   Sampled answers (temperature > 0 without a seed) are neither stored nor served unless `cache_sampled`.
 - Persistent: `save_snapshot` writes the live entries atomically (temp file, fsync, rename) with a SHA-256 of the
@@ -29,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -44,11 +44,12 @@ import faiss
 import numpy as np
 
 from tritonllm.contract import CacheSettings
+from tritonllm.python_backends.cache_verifier import conflict
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_MAGIC = b"tritonllm-semantic-cache 1\n"
-SEARCH_CANDIDATES = 4  # expired candidates are skipped, so look a little past the first
+SEARCH_CANDIDATES = 8  # the verifier may refuse the closest ones, and expired ones are skipped
 IVF_MIN_ENTRIES = 8192
 IVF_TRAINING_POINTS_PER_LIST = 39  # faiss' own minimum for k-means without a warning
 IVF_NPROBE = 16
@@ -94,6 +95,7 @@ class CacheStats:
     misses: int
     evictions: int  # LRU, to stay within max_entries
     expirations: int  # TTL
+    rejections: int  # candidates above the threshold that the verifier refused
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class SemanticCache:
         self._exact: dict[str, int] = {}
         self._partitions: dict[str, PartitionIndex] = {}
         self._next_id = 0
-        self._hits = self._misses = self._evictions = self._expirations = 0
+        self._hits = self._misses = self._evictions = self._expirations = self._rejections = 0
         self.version = 0  # changes whenever the stored entries change (the autosaver compares it)
 
     def __len__(self) -> int:
@@ -167,8 +169,11 @@ class SemanticCache:
                 if entry is None or entry.partition != partition:
                     continue
                 best = max(best, score)
-                if score >= self.settings.similarity_threshold and lexical_conflict(entry.prompt, prompt) is None:
+                if score < self.settings.similarity_threshold:
+                    break  # candidates come best first
+                if conflict(entry.prompt, prompt) is None:
                     return self._hit(entry, score, exact=False, vector=vector)
+                self._rejections += 1
             self._misses += 1
             return Lookup(None, best, vector)
 
@@ -194,7 +199,8 @@ class SemanticCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(len(self._entries), self._hits, self._misses, self._evictions, self._expirations)
+            return CacheStats(len(self._entries), self._hits, self._misses, self._evictions, self._expirations,
+                              self._rejections)
 
     def purge_expired(self) -> int:
         """Drop every entry past its TTL; returns how many."""
@@ -422,60 +428,6 @@ class Autosaver:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_seconds):
             self.save_if_changed()
-
-
-# Lexical guards. A bi-encoder like MiniLM barely moves when a number, a negation or the direction of a relation
-# changes ("7 am"/"7 pm" 0.96, "string to integer"/"integer to string" 0.996 on benchmarks/data/paraphrases.jsonl),
-# and no cosine threshold separates those from real paraphrases. So a near-duplicate is served only when both prompts
-# hold the same numbers, the same polarity, and are not the same words in another order.
-
-_NUMBER = re.compile(r"(\d+(?:[.:,]\d+)*)(?:\s*([ap])\.?m\b)?")
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
-# "one" is left out: it is mostly a pronoun ("how do I write one?").
-_NUMBER_WORDS = {word: str(value) for value, word in enumerate(
-    "zero _ two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
-    "eighteen nineteen twenty".split())}
-_NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
-                      "ninety": "90", "hundred": "100", "thousand": "1000", "million": "1e6", "billion": "1e9",
-                      "dozen": "12", "half": "0.5", "twice": "x2", "double": "x2", "triple": "x3"})
-_NEGATIONS = {"not", "no", "never", "without", "nor", "none", "nothing", "neither", "cannot"}
-_ARTICLES = {"a", "an", "the"}
-
-
-def lexical_conflict(cached_prompt: str, prompt: str) -> str | None:
-    """Why `prompt` must not get `cached_prompt`'s answer despite a similar embedding, or None."""
-    if _numbers(cached_prompt) != _numbers(prompt):
-        return "different numbers"
-    if _negated(cached_prompt) != _negated(prompt):
-        return "different polarity (negation)"
-    cached_words, words = _order_words(cached_prompt), _order_words(prompt)
-    if cached_words != words and sorted(cached_words) == sorted(words):
-        return "same words in another order"
-    return None
-
-
-def _tokens(text: str) -> list[str]:
-    return _WORD.findall(text.lower().replace("\u2019", "'"))
-
-
-def _words(text: str) -> list[str]:
-    return [token.replace("'", "") for token in _tokens(text)]
-
-
-def _numbers(text: str) -> list[str]:
-    found = [re.sub(r"[:.]0+$", "", value) + (f"{half}m" if half else "")  # 7:00 am == 7 am; 2.0 == 2
-             for value, half in _NUMBER.findall(text.lower())]
-    return sorted(found + [_NUMBER_WORDS[word] for word in _words(text) if word in _NUMBER_WORDS])
-
-
-def _negated(text: str) -> bool:
-    return any(token in _NEGATIONS or token.endswith("n't") for token in _tokens(text))
-
-
-def _order_words(text: str) -> list[str]:
-    # Articles and a plural s do not change meaning here: "ounces in a pound" vs "pounds in an ounce".
-    return [word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
-            for word in _words(text) if word not in _ARTICLES]
 
 
 def _exact_digest(partition: str, prompt: str) -> str:

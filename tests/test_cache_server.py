@@ -89,6 +89,26 @@ def test_a_paraphrase_hits(llm, front_server):
     assert engine_requests(front_server) == engine_before
 
 
+def cache_metric(server: TritonServer, name: str) -> float:
+    text = requests.get(server.endpoints.metrics_url, timeout=10).text
+    return next(float(line.split()[1]) for line in text.splitlines() if line.split()[0] == name)
+
+
+def test_a_near_miss_reaches_the_engine_and_a_paraphrase_does_not(llm, front_server):
+    cached, near_miss = "How do I make a soft boiled egg?", "How do I make a hard boiled egg?"  # cosine 0.95
+    ask(llm, cached, tenant="verifier")
+    rejections = cache_metric(front_server, "tritonllm_cache_verifier_rejections_total")
+    engine_before = engine_requests(front_server)
+    _, hits, similarity = ask(llm, near_miss, tenant="verifier")
+    assert not any(hits) and similarity >= 0.9 and engine_requests(front_server) == engine_before + 1
+    assert cache_metric(front_server, "tritonllm_cache_verifier_rejections_total") == rejections + 1
+
+    answer, _, _ = ask(llm, cached, tenant="verifier")
+    paraphrased, hits, similarity = ask(llm, "Could you tell me how to make a soft boiled egg?", tenant="verifier")
+    assert paraphrased == answer and all(hits) and 0.9 <= similarity < 1.0
+    assert engine_requests(front_server) == engine_before + 1
+
+
 @pytest.mark.parametrize("changed", [{"max_tokens": 9}, {"tenant": "someone else"}, {"seed": 5},
                                      {"apply_chat_template": False}, {"stop_words": ["zzz"]},
                                      {"guided_json": '{"type": "object"}'}])

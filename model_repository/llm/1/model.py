@@ -49,11 +49,14 @@ class CacheMetrics:
         self.families.append(evictions)
         self.lru = evictions.Metric(labels={"reason": "lru"})
         self.ttl = evictions.Metric(labels={"reason": "ttl"})
+        self.rejections = metric("tritonllm_cache_verifier_rejections_total",
+                                 "Candidates above the similarity threshold that the verifier refused to serve",
+                                 family.COUNTER)
         self.entries = metric("tritonllm_cache_entries", "Answers held by the semantic cache", family.GAUGE)
         self.lookup_seconds = metric("tritonllm_cache_lookup_seconds", "Cache lookup latency, embedding included",
                                      family.HISTOGRAM, buckets=LOOKUP_SECONDS_BUCKETS)
         self._lock = threading.Lock()
-        self._last = CacheStats(0, 0, 0, 0, 0)
+        self._last = CacheStats(0, 0, 0, 0, 0, 0)
 
     # Every metric call holds self._lock: tritonserver 2.51 crashed (SIGSEGV in libtriton_python) when two request
     # threads updated metrics at the same time.
@@ -67,7 +70,8 @@ class CacheMetrics:
             # never a negative increment (a snapshot reload resets the counts): the stub aborts tritonserver on one
             for counter, now, before in ((self.hits, stats.hits, last.hits), (self.misses, stats.misses, last.misses),
                                          (self.lru, stats.evictions, last.evictions),
-                                         (self.ttl, stats.expirations, last.expirations)):
+                                         (self.ttl, stats.expirations, last.expirations),
+                                         (self.rejections, stats.rejections, last.rejections)):
                 if now > before:
                     counter.increment(now - before)
             self.entries.set(stats.entries)

@@ -1,0 +1,62 @@
+"""The semantic cache's verifier on each near-miss category, and on paraphrases it must accept (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tritonllm.python_backends.cache_verifier import conflict
+
+NEAR_MISSES = {
+    "entity": [("What is the population of Oslo?", "What is the population of Bergen?"),
+               ("How much does a kindle cost?", "How much does a kobo cost?")],
+    "number": [("Set an alarm for 7 am.", "Set an alarm for 8 am."), ("What is 12 times 12?", "What is 11 times 12?"),
+               ("Give me a three day plan.", "Give me a 4 day plan.")],
+    "datetime": [("Will it rain in Oslo today?", "Will it rain in Oslo tomorrow?"),
+                 ("Book a table at 7 pm.", "Book a table at 7 am."),
+                 ("Is the shop open on Monday?", "Is the shop open on Sunday?")],
+    "negation": [("How to invest in index funds?", "How not to invest in index funds?"),
+                 ("Why does my phone charge?", "Why doesn't my phone charge?"),
+                 ("A salad with cheese, please.", "A salad without cheese, please.")],
+    "antonym": [("How do I make a soft boiled egg?", "How do I make a hard boiled egg?"),
+                ("How do I turn on bluetooth?", "How do I turn off bluetooth?"),
+                ("How can I increase my heart rate?", "How can I decrease my heart rate?")],
+    "comparative": [("What is a cheap laptop?", "What is a cheaper laptop?"),
+                    ("Which is the fastest train?", "Which is the slowest train?")],
+    "word_order": [("How do I convert a string to an integer?", "How do I convert an integer to a string?"),
+                   ("Flights from Oslo to Paris?", "Flights from Paris to Oslo?")],
+    "language": [("What is the capital of France?", "Quelle est la capitale de la France ?"),
+                 ("Translate hello into Spanish.", "Translate hello into Italian.")],
+    "constraint": [("How do I sort a list in python?", "How do I sort a list in python without sorted()?"),
+                   ("Recommend a laptop.", "Recommend a laptop under $500.")],
+    "question": [("Why is the sky blue?", "When is the sky blue?")],
+}
+PARAPHRASES = [
+    ("How do I reset my password?", "How can I reset my password?"),
+    ("How do I reset my password?", "Could you please tell me how to reset my password?"),
+    ("Set my alarm for 7:00 am.", "Set an alarm for 7 am."),
+    ("What is 15 percent of 200?", "What's 15% of 200?"),
+    ("What is the chemical formula for water?", "Chemical formula for water?"),
+    ("What is the meaning of life?", "What is life's meaning?"),
+    ("What is the difference between TCP and UDP?", "What's the difference between UDP and TCP?"),
+    ("How do I center a div in CSS?", "Centering a div in CSS, how?"),
+    ("How many grams are in 2 pounds?", "How many grams in 2 lbs?"),
+]
+
+
+@pytest.mark.parametrize("cached, asked", [pair for pairs in NEAR_MISSES.values() for pair in pairs],
+                         ids=[f"{kind}-{n}" for kind, pairs in NEAR_MISSES.items() for n in range(len(pairs))])
+def test_a_near_miss_is_refused_both_ways(cached, asked):
+    assert conflict(cached, asked) is not None and conflict(asked, cached) is not None
+
+
+@pytest.mark.parametrize("cached, asked", PARAPHRASES)
+def test_a_paraphrase_is_accepted_both_ways(cached, asked):
+    assert conflict(cached, asked) is None and conflict(asked, cached) is None
+
+
+def test_the_reason_names_what_differs():
+    assert conflict("Set an alarm for 7 am.", "Set an alarm for 7 pm.") == "different numbers (7:00 vs 19:00)"
+    assert conflict("Is it safe?", "Is it not safe?") == "different polarity (negation)"
+    assert conflict("Soft boiled egg?", "Hard boiled egg?") == "unmatched content words (soft vs hard)"
+    assert conflict("Convert celsius to fahrenheit.", "Convert fahrenheit to celsius.") == \
+        "same content words in another order"
