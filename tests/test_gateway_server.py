@@ -8,6 +8,10 @@ scale-out tests, a port nobody listens on (a replica that died).
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +35,7 @@ MODEL = "tiny-llama"
 KEYS = {"alpha": {"tenant": "alpha"}, "beta": {"tenant": "beta"},
         "one-per-second": {"tenant": "slow", "requests_per_second": 1},
         "small-budget": {"tenant": "budget", "tokens_per_minute": 10}}
+TRITONLLM = Path(sys.executable).parent / "tritonllm"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle on the shore."
 
 
@@ -244,3 +249,54 @@ def test_a_dead_replica_is_retried_around_and_left_out_of_rotation(triton, tiny_
         assert f'tritonllm_gateway_replica_ready{{replica="{dead}"}} 0.0' in text
         assert requests.get(server.url + "/health", timeout=30).json() == {
             "status": "ok", "replicas_ready": 1, "replicas": 2}
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            if requests.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} was not healthy within {timeout} s")
+
+
+def _stopped_by_sigterm(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=90)
+
+
+def test_serve_with_a_gateway_port_serves_both_and_both_die_with_the_command(tiny_repository, tmp_path):
+    gateway_port, grpc_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [str(TRITONLLM), "serve", "--repository", str(tiny_repository), "--http-port", str(free_port()),
+         "--grpc-port", str(grpc_port), "--metrics-port", str(free_port()), "--gateway-port", str(gateway_port),
+         "--api-keys", str(_keys_file(tmp_path))], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{gateway_port}"
+    try:
+        _wait_healthy(url, process)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="alpha", max_retries=0)
+        assert client.completions.create(model=GatewaySettings.served_model_name, prompt="hi", max_tokens=2).choices
+    finally:
+        assert _stopped_by_sigterm(process) == 0
+    for port in (gateway_port, grpc_port):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_the_gateway_command_alone_fronts_running_triton_and_stops_on_sigterm(triton, tiny_repository, tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [str(TRITONLLM), "gateway", "--triton", triton.endpoints.grpc_url, "--repository", str(tiny_repository),
+         "--port", str(port), "--served-model-name", MODEL], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", process)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0).choices[0].text \
+            == native(triton, PROMPT, 3, chat=False)
+    finally:
+        assert _stopped_by_sigterm(process) == 0
