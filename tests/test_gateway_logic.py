@@ -37,13 +37,15 @@ def test_a_chat_request_is_read_with_openai_defaults_and_neutral_fields():
     completion = parse_request({"model": "m", "prompt": ["once"], "stream": True,
                                 "stream_options": {"include_usage": True}}, "completion", SETTINGS)
     assert (completion.prompt, completion.include_usage) == ("once", True)
+    forced = parse_request({**CHAT, "max_tokens": 7, "ignore_eos": True}, "chat", SETTINGS)
+    assert forced.min_tokens == 7 and parse_request({**CHAT, "min_tokens": 3}, "chat", SETTINGS).min_tokens == 3
 
 
 @pytest.mark.parametrize("body, param", [
     ({**CHAT, "tenant": "other"}, "tenant"), ({**CHAT, "n": 3}, "n"), ({**CHAT, "response_format": {}},
                                                                          "response_format"),
     ({**CHAT, "temperature": True}, "temperature"), ({**CHAT, "temperature": 2.5}, "temperature"),
-    ({**CHAT, "max_tokens": 0}, "max_tokens"), ({**CHAT, "seed": 2**64}, "seed"), ({**CHAT, "stop": [""]}, "stop"),
+    ({**CHAT, "max_tokens": 0}, "max_tokens"), ({**CHAT, "max_tokens": 4, "min_tokens": 5}, "min_tokens"), ({**CHAT, "seed": 2**64}, "seed"), ({**CHAT, "stop": [""]}, "stop"),
     ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),

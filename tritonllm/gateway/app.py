@@ -187,7 +187,8 @@ class Gateway:
 
     def _params(self, request: GenerationRequest, key: ApiKey) -> GenerationParams:
         return GenerationParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                                seed=request.seed, stop_words=list(request.stop) if request.stop else None,
+                                seed=request.seed, min_tokens=request.min_tokens,
+                                stop_words=list(request.stop) if request.stop else None,
                                 tenant=key.tenant)
 
     def _usage(self, key: ApiKey, prompt: str, answer: str) -> Usage:

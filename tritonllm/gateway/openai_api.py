@@ -22,8 +22,10 @@ INT32_MAX = 2**31 - 1  # max_tokens travels as INT32: larger values would wrap i
 UINT64_MAX = 2**64 - 1
 CHAT_ROLES = ("system", "user", "assistant")
 
-# Fields each endpoint serves. `user` (an end-user id for OpenAI's abuse monitoring) is accepted and not used.
-_COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user")
+# Fields each endpoint serves. `user` (an end-user id for OpenAI's abuse monitoring) is accepted and not used;
+# `min_tokens` and `ignore_eos` are vLLM's extensions that benchmark tools send to force the output length.
+_COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
+                  "min_tokens", "ignore_eos")
 SERVED_FIELDS: dict[Kind, tuple[str, ...]] = {
     "chat": ("messages", "max_completion_tokens", *_COMMON_FIELDS),
     "completion": ("prompt", *_COMMON_FIELDS),
@@ -62,6 +64,7 @@ class GenerationRequest:
     top_p: float | None
     seed: int | None
     stop: tuple[str, ...] | None
+    min_tokens: int | None  # the end of turn is banned until this many tokens (ignore_eos: max_tokens)
 
 
 # --- body -------------------------------------------------------------------------------------------------------
@@ -217,8 +220,10 @@ def parse_request(body: dict[str, Any], kind: Kind, settings: GatewaySettings) -
     stream = _boolean(body, "stream")
     if options is not None and not stream:
         raise _refuse("stream_options", "stream_options is allowed only with stream: true")
+    max_tokens = max_tokens or settings.default_max_tokens
+    min_tokens = max_tokens if _boolean(body, "ignore_eos") else _integer(body, "min_tokens", 0, max_tokens)
     return GenerationRequest(
-        kind=kind, messages=messages, prompt=prompt, max_tokens=max_tokens or settings.default_max_tokens,
+        kind=kind, messages=messages, prompt=prompt, max_tokens=max_tokens, min_tokens=min_tokens,
         stream=stream, include_usage=_boolean(options or {}, "include_usage", "stream_options.include_usage"),
         temperature=_number(body, "temperature", 0.0, 2.0), top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
         seed=_integer(body, "seed", 0, UINT64_MAX), stop=_stop(body, settings))
