@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import queue
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,30 @@ class StreamEvent:
     received_at: float = field(default_factory=time.perf_counter)
 
 
+class StreamCancel:
+    """Ends a gRPC `events` stream from another thread (e.g. when the HTTP client of a gateway went away): the
+    consumer stops waiting at once, its iteration ends, and the request is cancelled on the server."""
+
+    _SIGNAL = object()  # put on the stream's response queue to wake its consumer
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._responses: queue.Queue | None = None
+        self.requested = False
+
+    def attach(self, responses: queue.Queue) -> None:
+        with self._lock:
+            self._responses = responses
+            if self.requested:
+                responses.put(self._SIGNAL)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.requested = True
+            if self._responses is not None:
+                self._responses.put(self._SIGNAL)
+
+
 def request_arrays(prompt: str | bytes, params: GenerationParams, stream: bool) -> dict[str, tuple[str, np.ndarray]]:
     """Input name -> (datatype, array with the batch dim of 1) for the ensemble contract."""
     text = prompt.encode() if isinstance(prompt, str) else prompt
@@ -113,17 +138,24 @@ class LLMClient:
         for event in self.events(prompt, params or GenerationParams(), stream=True):
             yield event.text
 
-    def events(self, prompt: str | bytes, params: GenerationParams, stream: bool = True) -> Iterator[StreamEvent]:
+    def events(self, prompt: str | bytes, params: GenerationParams, stream: bool = True,
+               cancel: StreamCancel | None = None) -> Iterator[StreamEvent]:
+        """Responses as they come; `cancel` (gRPC only) ends the stream from another thread."""
         if self.protocol == "grpc":
-            yield from self._grpc_events(request_arrays(prompt, params, stream))
+            yield from self._grpc_events(request_arrays(prompt, params, stream), cancel)
+        elif cancel is not None:
+            raise ValueError("cancel is served over gRPC only; over HTTP close the generator instead")
         else:
             yield from self._http_events(_http_body(prompt, params, stream))
 
     # -- gRPC ------------------------------------------------------------------------------------------------
-    def _grpc_events(self, arrays: dict[str, tuple[str, np.ndarray]]) -> Iterator[StreamEvent]:
+    def _grpc_events(self, arrays: dict[str, tuple[str, np.ndarray]],
+                     cancel: StreamCancel | None) -> Iterator[StreamEvent]:
         import tritonclient.grpc as grpcclient
 
         responses: queue.Queue = queue.Queue()
+        if cancel is not None:
+            cancel.attach(responses)
         client = grpcclient.InferenceServerClient(self.url)
         inputs = []
         for name, (datatype, array) in arrays.items():
@@ -138,9 +170,12 @@ class LLMClient:
                                       enable_empty_final_response=True)
             while True:
                 try:
-                    result, error = responses.get(timeout=self.timeout)
+                    item = responses.get(timeout=self.timeout)
                 except queue.Empty:
                     raise GenerationError("DEADLINE_EXCEEDED", f"no response within {self.timeout:.0f} s") from None
+                if item is StreamCancel._SIGNAL:
+                    return  # not finished: the request is cancelled on the server below
+                result, error = item
                 if error is not None:
                     finished = True
                     raise GenerationError(_grpc_status(error), error.message())

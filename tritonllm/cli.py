@@ -20,7 +20,7 @@ from typing import NoReturn, Optional
 import typer
 from rich.console import Console
 
-from tritonllm.contract import PRECISIONS
+from tritonllm.contract import PRECISIONS, GatewaySettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Build a Hugging Face causal LM into a Triton model repository, serve it, and measure it.")
@@ -138,7 +138,8 @@ def build(
 
 
 def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port: int, metrics_port: int,
-                precision: Precision, demo_prompt: Optional[str]) -> None:
+                precision: Precision, demo_prompt: Optional[str], gateway_port: Optional[int] = None,
+                api_keys: Optional[Path] = None) -> None:
     from tritonllm.builders.errors import BuildError
     from tritonllm.client.deployment import bundled_build
     from tritonllm.server import ServerError, TritonServer
@@ -157,9 +158,14 @@ def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port
     except ServerError as error:
         _fail(str(error))
     ep = server.endpoints
+    openai_gateway = None
+    if gateway_port is not None:
+        openai_gateway = _start_gateway(server, repository, host, gateway_port, api_keys)
     console.print(f"[green]serving[/] {repository}\n  HTTP    http://{ep.http_url}  (generate_stream: "
                   f"/v2/models/ensemble/generate_stream)\n  gRPC    {ep.grpc_url}\n  metrics {ep.metrics_url}\n"
-                  f"  log     {server.log_file}\nCtrl-C stops it.")
+                  + (f"  OpenAI  {openai_gateway.url}/v1  (metrics {openai_gateway.url}/metrics)\n"
+                     if openai_gateway else "")
+                  + f"  log     {server.log_file}\nCtrl-C stops it.")
     try:
         if demo_prompt:
             from tritonllm.client.api import GenerationParams, LLMClient
@@ -177,8 +183,36 @@ def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port
     except KeyboardInterrupt:
         pass
     finally:
+        if openai_gateway is not None:
+            openai_gateway.stop()
         console.print("stopping tritonserver ...")
         server.stop()
+
+
+def _start_gateway(server, repository: Path, host: str, port: int, api_keys: Optional[Path]):
+    """The OpenAI gateway in this process, in front of `server` (its `llm` model when the repository has one)."""
+    model = "llm" if (Path(repository) / "llm").is_dir() else "ensemble"
+    try:
+        return _gateway_server(GatewaySettings(triton_grpc_urls=(server.endpoints.grpc_url,), model=model,
+                                               host=host, port=port), repository, None, api_keys)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def _gateway_server(settings, repository: Optional[Path], tokenizer: Optional[Path], api_keys: Optional[Path]):
+    """A started GatewayServer; bad settings, keys or tokenizer end the command with a one-line error."""
+    from tritonllm.contract import SettingsError
+    from tritonllm.gateway.server import GatewayError, GatewayServer
+    from tritonllm.gateway.tokens import repository_tokenizer_dir
+
+    try:
+        tokenizer_dir = tokenizer if tokenizer is not None else repository_tokenizer_dir(repository)
+        return GatewayServer(settings, tokenizer_dir, api_keys).start()
+    except SettingsError as error:
+        _fail(str(error), USAGE_ERROR)
+    except (GatewayError, FileNotFoundError, OSError) as error:
+        _fail(str(error))
 
 
 @app.command()
@@ -189,9 +223,65 @@ def serve(
     grpc_port: int = typer.Option(8001),
     metrics_port: int = typer.Option(8002),
     precision: Precision = typer.Option(Precision.fp32, help="precision of the default build (without --repository)"),
+    gateway_port: Optional[int] = typer.Option(None, help="also serve the OpenAI-compatible gateway on this port"),
+    api_keys: Optional[Path] = typer.Option(None, help="gateway API keys (JSON, hashed; see `tritonllm api-key`); "
+                                                       "default: $TRITONLLM_API_KEYS, else no keys"),
 ) -> None:
-    """Start tritonserver on a repository and serve until Ctrl-C or SIGTERM."""
-    _run_server(repository, host, http_port, grpc_port, metrics_port, precision, None)
+    """Start tritonserver on a repository (and the OpenAI gateway with --gateway-port); serve until Ctrl-C/SIGTERM."""
+    _run_server(repository, host, http_port, grpc_port, metrics_port, precision, None, gateway_port, api_keys)
+
+
+@app.command()
+def gateway(
+    triton: str = typer.Option("127.0.0.1:8001", help="comma-separated gRPC host:port of the Triton replicas"),
+    repository: Optional[Path] = typer.Option(None, help="the served repository (its tokenizer is read)"),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder instead of --repository"),
+    model: Model = typer.Option(Model.ensemble, help="Triton model: ensemble, or llm (semantic cache)"),
+    served_model_name: str = typer.Option(GatewaySettings.served_model_name, help="the `model` clients name"),
+    host: str = typer.Option(GatewaySettings.host),
+    port: int = typer.Option(GatewaySettings.port),
+    api_keys: Optional[Path] = typer.Option(None, help="API keys (JSON, hashed); default: $TRITONLLM_API_KEYS"),
+) -> None:
+    """Serve the OpenAI-compatible gateway alone, in front of running Triton replicas, until Ctrl-C or SIGTERM."""
+    if (repository is None) == (tokenizer is None):
+        _fail("give exactly one of --repository and --tokenizer (the served model's tokenizer folder)", USAGE_ERROR)
+    urls = tuple(_parse_option("--triton", triton, _comma_list(allowed_text="comma-separated host:port")))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = _gateway_server(GatewaySettings(triton_grpc_urls=urls, model=model.value,
+                                             served_model_name=served_model_name, host=host, port=port),
+                             repository, tokenizer, api_keys)
+    console.print(f"[green]OpenAI gateway[/] {server.url}/v1 -> {', '.join(urls)} ({model.value})\nCtrl-C stops it.")
+    try:
+        while not stop.wait(0.5) and server.is_running():
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@app.command("api-key")
+def api_key(
+    tenant: str = typer.Option(..., help="the tenant every request with this key is served as"),
+    requests_per_second: float = typer.Option(0.0, min=0, help="0: unlimited"),
+    tokens_per_minute: int = typer.Option(0, min=0, help="prompt + completion tokens; 0: unlimited"),
+) -> None:
+    """Make a new API key: prints the key once (stdout) and the hashed entry for the keys file (stderr)."""
+    import json
+
+    from tritonllm.contract import SettingsError
+    from tritonllm.gateway.auth import ApiKey, hash_key, new_key
+
+    key = new_key()
+    entry = ApiKey(hash_key(key), tenant, requests_per_second, tokens_per_minute)
+    try:
+        entry.validate("api-key")
+    except SettingsError as error:
+        _fail(str(error), USAGE_ERROR)
+    console.print("add to the keys file's \"keys\" list (only the hash is stored):\n" + json.dumps(vars(entry)),
+                  markup=False, highlight=False)
+    print(key)
 
 
 @app.command()

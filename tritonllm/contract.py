@@ -362,3 +362,45 @@ def required_parameter(parameters: Mapping[str, str], name: str, model: str) -> 
     if not value:
         raise ValueError(f"{model} model configuration lacks the parameter {name}")
     return value
+
+
+# --- OpenAI-compatible gateway -------------------------------------------------------------------------------------
+
+GatewayModel = Literal["ensemble", "llm"]
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The OpenAI-compatible HTTP gateway in front of one or more Triton replicas (tritonllm/gateway/)."""
+
+    triton_grpc_urls: tuple[str, ...] = ("127.0.0.1:8001",)  # replicas, host:port of each one's gRPC endpoint
+    model: GatewayModel = "ensemble"  # Triton model requests go to: ensemble, or llm (semantic cache in front)
+    served_model_name: str = RepositorySettings.served_model_name  # the `model` clients name; GET /v1/models
+    host: str = "127.0.0.1"
+    port: int = 8080
+    default_max_tokens: int = 256  # when a request names neither max_tokens nor max_completion_tokens
+    max_body_bytes: int = 1_048_576  # larger bodies are refused (413) before they are parsed
+    max_json_depth: int = 16  # deeper nesting is refused (400) before it is parsed
+    max_stop_words: int = 4  # OpenAI's own limit
+    request_timeout_seconds: float = 300.0  # longest wait for the next piece from Triton
+    health_interval_seconds: float = 2.0  # how often each replica's readiness is asked
+    max_attempts: int = 2  # replicas tried for a request that fails before its first token
+
+    def validate(self) -> None:
+        _check(bool(self.triton_grpc_urls) and all(url.rpartition(":")[2].isdigit() for url in self.triton_grpc_urls),
+               "gateway.triton_grpc_urls", self.triton_grpc_urls, "one or more host:port")
+        _check(self.model in ("ensemble", "llm"), "gateway.model", self.model, "ensemble or llm")
+        _check(bool(self.served_model_name.strip()), "gateway.served_model_name", self.served_model_name,
+               "a non-empty name")
+        _check(0 <= self.port <= 65535, "gateway.port", self.port, "0..65535 (0: any free port)")
+        _check(1 <= self.default_max_tokens <= 1_048_576, "gateway.default_max_tokens", self.default_max_tokens,
+               "1..1048576")
+        _check(1024 <= self.max_body_bytes <= 64 * 1024 * 1024, "gateway.max_body_bytes", self.max_body_bytes,
+               "1024..67108864")
+        _check(4 <= self.max_json_depth <= 256, "gateway.max_json_depth", self.max_json_depth, "4..256")
+        _check(0 <= self.max_stop_words <= 64, "gateway.max_stop_words", self.max_stop_words, "0..64")
+        _check(self.request_timeout_seconds > 0, "gateway.request_timeout_seconds", self.request_timeout_seconds,
+               "> 0")
+        _check(self.health_interval_seconds > 0, "gateway.health_interval_seconds", self.health_interval_seconds,
+               "> 0")
+        _check(1 <= self.max_attempts <= 16, "gateway.max_attempts", self.max_attempts, "1..16")

@@ -1,0 +1,327 @@
+"""The gateway's HTTP routes (FastAPI): OpenAI chat/completions/models, health and Prometheus metrics.
+
+A request is checked in this order, each step answering in OpenAI's error shape: API key (401), rate limit (429 with
+Retry-After), body size and nesting (413/400, before parsing), every field (400 naming it). Only then is it sent to a
+Triton replica, with the tenant of its key (a client cannot name one). A request that fails before its first piece
+because a replica cannot be reached is retried on another; a client that goes away cancels its Triton stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tritonllm.client.api import GenerationError, GenerationParams, StreamEvent
+from tritonllm.contract import GatewaySettings
+from tritonllm.gateway.auth import OPEN_ACCESS, ApiKey, KeyRing, RateLimited, RateLimiter
+from tritonllm.gateway.openai_api import (SSE_DONE, APIError, GenerationRequest, Kind, ResponseWriter, Usage,
+                                          parse_body, parse_request, sse)
+from tritonllm.gateway.replicas import HealthWatch, Replica, ReplicaPool, grpc_ready
+from tritonllm.gateway.tokens import PromptTokens
+from tritonllm.gateway.upstream import TritonStream
+
+log = logging.getLogger("tritonllm.gateway")
+
+READY_TIMEOUT_SECONDS = 2.0
+# Triton statuses of a request that never reached a model: another replica may serve it.
+RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected; its Triton stream has been cancelled."""
+
+
+class GatewayMetrics:
+    def __init__(self, pool: ReplicaPool) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tritonllm_gateway_requests", "Requests answered, by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("tritonllm_gateway_request_seconds", "Time from request to the end of its answer",
+                                 ["endpoint"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.first_piece = Histogram("tritonllm_gateway_time_to_first_token_seconds",
+                                     "Time from request to the first piece of the answer", registry=self.registry,
+                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.active_streams = Gauge("tritonllm_gateway_active_streams", "Triton streams open now",
+                                    registry=self.registry)
+        self.tokens = Counter("tritonllm_gateway_tokens", "Tokens served, by tenant and kind (prompt, completion)",
+                              ["tenant", "kind"], registry=self.registry)
+        self.cancelled = Counter("tritonllm_gateway_client_disconnects", "Requests whose client went away before "
+                                 "the answer ended (their Triton stream was cancelled)", registry=self.registry)
+        in_flight = Gauge("tritonllm_gateway_replica_in_flight", "Requests in flight per replica", ["replica"],
+                          registry=self.registry)
+        ready = Gauge("tritonllm_gateway_replica_ready", "1 while a replica is in rotation", ["replica"],
+                      registry=self.registry)
+        for replica in pool.replicas:
+            in_flight.labels(replica.url).set_function(lambda replica=replica: replica.in_flight)
+            ready.labels(replica.url).set_function(lambda replica=replica: float(replica.ready))
+
+    def answered(self, endpoint: str, status: int, started: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+@dataclass
+class OpenStream:
+    """A Triton stream that produced its first response (or ended without one)."""
+
+    upstream: TritonStream
+    replica: Replica
+    first: StreamEvent | None
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _triton_error(error: GenerationError) -> APIError:
+    if error.status == "DEADLINE_EXCEEDED":
+        return APIError(504, f"Triton did not answer in time: {error.message}", error_type="server_error",
+                        code="timeout")
+    if error.status in RETRYABLE_STATUSES:
+        return APIError(503, f"no Triton replica could take the request: {error.message}",
+                        error_type="server_error", code="unavailable")
+    # Errors inside a Triton stream carry no status code; the models raise them for requests they refuse.
+    return APIError(400, f"the model refused the request: {error.message}", code="invalid_request")
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, keys: tuple[ApiKey, ...], tokens: PromptTokens) -> None:
+        settings.validate()
+        self.settings, self.tokens = settings, tokens
+        self.keyring = KeyRing(keys)
+        self.limiter = RateLimiter(keys or (OPEN_ACCESS,))
+        self.pool = ReplicaPool(settings.triton_grpc_urls, functools.partial(
+            grpc_ready, model=settings.model, timeout=READY_TIMEOUT_SECONDS))
+        self.metrics = GatewayMetrics(self.pool)
+        if not keys:
+            log.warning("no API keys configured: the gateway serves anyone who reaches it, as tenant ''")
+
+    # -- checks before Triton --------------------------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        if not self.keyring.required:
+            return OPEN_ACCESS
+        key = self.keyring.lookup(authorization)
+        if key is None:
+            raise APIError(401, "missing or unknown API key; send it as `Authorization: Bearer <key>`",
+                           error_type="authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return key
+
+    def _admit(self, key: ApiKey) -> None:
+        try:
+            self.limiter.admit(key)
+        except RateLimited as limited:
+            raise APIError(429, f"rate limit of this API key reached: {limited.limit}; retry after "
+                                f"{limited.retry_after_seconds} s", error_type="rate_limit_error",
+                           code="rate_limit_exceeded",
+                           headers={"Retry-After": str(limited.retry_after_seconds)}) from None
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it grows past the limit, before it is all read."""
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body is {declared} bytes; allowed: at most {limit}",
+                           code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body is over {limit} bytes; allowed: at most {limit}",
+                               code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- Triton ----------------------------------------------------------------------------------------------------
+    async def _next(self, upstream: TritonStream, disconnected: asyncio.Future) -> StreamEvent | None:
+        """The next response of `upstream`; ClientGone (after cancelling the stream) when the client leaves first."""
+        piece = asyncio.ensure_future(upstream.next())
+        await asyncio.wait({piece, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        if piece.done():
+            return piece.result()
+        piece.cancel()
+        upstream.close()
+        raise ClientGone
+
+    async def _open(self, prompt: str, params: GenerationParams, stream: bool,
+                    disconnected: asyncio.Future) -> OpenStream:
+        """A stream on the least loaded replica; one that cannot be reached before the first response is left out
+        of rotation and the request goes to the next."""
+        tried: set[str] = set()
+        last: GenerationError | None = None
+        for _ in range(self.settings.max_attempts):
+            replica = self.pool.choose(tried)
+            if replica is None:
+                break
+            tried.add(replica.url)
+            upstream = TritonStream(replica.url, self.settings.model, prompt, params, stream,
+                                    self.settings.request_timeout_seconds)
+            try:
+                return OpenStream(upstream, replica, await self._next(upstream, disconnected))
+            except GenerationError as error:
+                self.pool.release(replica)
+                if error.status not in RETRYABLE_STATUSES:
+                    raise _triton_error(error) from None
+                log.warning("replica %s failed before the first token (%s); out of rotation", replica.url, error)
+                self.pool.mark_unready(replica)
+                last = error
+            except BaseException:
+                self.pool.release(replica)
+                raise
+        raise _triton_error(last or GenerationError("UNAVAILABLE", "every replica was tried"))
+
+    def _params(self, request: GenerationRequest, key: ApiKey) -> GenerationParams:
+        return GenerationParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                                seed=request.seed, min_tokens=request.min_tokens,
+                                stop_words=list(request.stop) if request.stop else None,
+                                tenant=key.tenant)
+
+    def _usage(self, key: ApiKey, prompt: str, answer: str) -> Usage:
+        usage = Usage(self.tokens.count_prompt(prompt), self.tokens.count_completion(answer))
+        self.limiter.charge_tokens(key, usage.prompt_tokens + usage.completion_tokens)
+        self.metrics.tokens.labels(key.tenant, "prompt").inc(usage.prompt_tokens)
+        self.metrics.tokens.labels(key.tenant, "completion").inc(usage.completion_tokens)
+        return usage
+
+    # -- endpoints -------------------------------------------------------------------------------------------------
+    async def generate(self, request: Request, kind: Kind) -> Response:
+        started, endpoint = time.perf_counter(), request.url.path
+        disconnected = None
+        try:
+            key = self.authenticate(request.headers.get("authorization"))
+            self._admit(key)
+            parsed = parse_request(parse_body(await self._read_body(request), self.settings), kind, self.settings)
+            prompt = self.tokens.prompt_text(parsed)
+            disconnected = asyncio.ensure_future(_until_disconnected(request))
+            opened = await self._open(prompt, self._params(parsed, key), parsed.stream, disconnected)
+        except APIError as error:
+            if disconnected is not None:
+                disconnected.cancel()
+            self.metrics.answered(endpoint, error.status, started)
+            return error_response(error)
+        except ClientGone:
+            self.metrics.cancelled.inc()
+            self.metrics.answered(endpoint, 499, started)  # nginx's "client closed request"
+            return Response(status_code=499)
+        self.metrics.first_piece.observe(time.perf_counter() - started)
+        writer = ResponseWriter(parsed, self.settings.served_model_name)
+        answer = self._answer(opened, disconnected, writer, key, prompt, endpoint, started)
+        if parsed.stream:
+            return StreamingResponse(answer, media_type="text/event-stream")
+        try:
+            return JSONResponse([body async for body in answer][-1])
+        except APIError as error:
+            return error_response(error)
+        except ClientGone:
+            return Response(status_code=499)
+
+    async def _answer(self, opened: OpenStream, disconnected: asyncio.Future, writer: ResponseWriter, key: ApiKey,
+                      prompt: str, endpoint: str, started: float) -> AsyncIterator:
+        """Stream: SSE chunks as bytes. Whole answer: one body (a dict) at the end. Either way the Triton stream
+        ends, or is cancelled, before this returns."""
+        stream = writer.request.stream
+        pieces: list[str] = []
+        status = 200
+        self.metrics.active_streams.inc()
+        try:
+            if stream:
+                yield sse(writer.first_chunk())
+            event = opened.first
+            while event is not None:
+                pieces.append(event.text)
+                if stream and event.text:
+                    yield sse(writer.piece(event.text))
+                event = await self._next(opened.upstream, disconnected)
+            usage = self._usage(key, prompt, "".join(pieces))
+            if stream:
+                for chunk in writer.last_chunks(usage):
+                    yield sse(chunk)
+                yield SSE_DONE
+            else:
+                yield writer.whole("".join(pieces), usage)
+        except (ClientGone, asyncio.CancelledError) as gone:  # ours, or Starlette's when it saw the disconnect first
+            status = 499
+            self.metrics.cancelled.inc()
+            if isinstance(gone, asyncio.CancelledError) or not stream:
+                raise
+        except GenerationError as error:  # after the first piece: the status line is sent, the error goes in-band
+            failure = _triton_error(error)
+            status = failure.status
+            if not stream:
+                raise failure from None
+            yield sse(failure.body())
+            yield SSE_DONE
+        finally:
+            opened.upstream.close()
+            disconnected.cancel()
+            self.pool.release(opened.replica)
+            self.metrics.active_streams.dec()
+            self.metrics.answered(endpoint, status, started)
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.settings.served_model_name, "object": "model",
+                                            "created": 0, "owned_by": "tritonllm"}]}
+
+    def health(self) -> JSONResponse:
+        ready = self.pool.ready_count()
+        return JSONResponse({"status": "ok" if ready else "unavailable", "replicas_ready": ready,
+                             "replicas": len(self.pool.replicas)}, status_code=200 if ready else 503)
+
+    def metrics_text(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    """The ASGI app; its lifespan runs the replicas' readiness checks."""
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        watch = HealthWatch(gateway.pool, gateway.settings.health_interval_seconds)
+        watch.start()
+        try:
+            yield
+        finally:
+            watch.stop()
+
+    app = FastAPI(title="tritonllm OpenAI-compatible gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await gateway.generate(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await gateway.generate(request, "completion")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            gateway.authenticate(request.headers.get("authorization"))
+        except APIError as error:
+            return error_response(error)
+        return JSONResponse(gateway.models())
+
+    @app.get("/health")
+    async def health() -> Response:
+        return gateway.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return gateway.metrics_text()
+
+    return app
