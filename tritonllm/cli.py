@@ -139,7 +139,7 @@ def build(
 
 def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port: int, metrics_port: int,
                 precision: Precision, demo_prompt: Optional[str], gateway_port: Optional[int] = None,
-                api_keys: Optional[Path] = None) -> None:
+                api_keys: Optional[Path] = None, health_port: Optional[int] = None, supervise: bool = True) -> None:
     from tritonllm.builders.errors import BuildError
     from tritonllm.client.deployment import bundled_build
     from tritonllm.server import ServerError, TritonServer
@@ -158,6 +158,7 @@ def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port
     except ServerError as error:
         _fail(str(error))
     ep = server.endpoints
+    supervisor, health_server = _start_supervision(server, host, health_port) if supervise else (None, None)
     openai_gateway = None
     if gateway_port is not None:
         openai_gateway = _start_gateway(server, repository, host, gateway_port, api_keys)
@@ -165,6 +166,7 @@ def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port
                   f"/v2/models/ensemble/generate_stream)\n  gRPC    {ep.grpc_url}\n  metrics {ep.metrics_url}\n"
                   + (f"  OpenAI  {openai_gateway.url}/v1  (metrics {openai_gateway.url}/metrics)\n"
                      if openai_gateway else "")
+                  + (f"  health  {health_server.url}/health/ready, /health/live\n" if health_server else "")
                   + f"  log     {server.log_file}\nCtrl-C stops it.")
     try:
         if demo_prompt:
@@ -177,7 +179,10 @@ def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port
                 sys.stdout.flush()
             sys.stdout.write("\n")
         while not stop.wait(0.5):
-            if not server.is_running():
+            if supervisor is not None and not supervisor.health().live:
+                _fail(f"tritonserver did not come back after restarts ({supervisor.health().detail}); "
+                      f"log: {server.log_file}")
+            if supervisor is None and not server.is_running():
                 console.print(server.log_tail(), markup=False, highlight=False)
                 _fail(f"tritonserver stopped unexpectedly; log: {server.log_file}")
     except KeyboardInterrupt:
@@ -185,8 +190,29 @@ def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port
     finally:
         if openai_gateway is not None:
             openai_gateway.stop()
+        if supervisor is not None:
+            supervisor.stop()
+        if health_server is not None:
+            health_server.stop()
         console.print("stopping tritonserver ...")
         server.stop()
+
+
+def _start_supervision(server, host: str, health_port: Optional[int]):
+    """The supervisor of `server` (restarts it when a check fails) and, with a port, its health endpoint."""
+    from tritonllm.asgi_thread import ASGIStartError, ThreadedASGIServer
+    from tritonllm.supervisor import Supervisor, health_app
+
+    supervisor = Supervisor(server, on_restart=lambda reason: console.print(
+        f"[red]restarting tritonserver[/]: {reason}", markup=True, highlight=False)).start()
+    if health_port is None:
+        return supervisor, None
+    try:
+        return supervisor, ThreadedASGIServer(health_app(supervisor), host, health_port, "health").start()
+    except ASGIStartError as error:
+        supervisor.stop()
+        server.stop()
+        _fail(str(error))
 
 
 def _start_gateway(server, repository: Path, host: str, port: int, api_keys: Optional[Path]):
@@ -226,9 +252,14 @@ def serve(
     gateway_port: Optional[int] = typer.Option(None, help="also serve the OpenAI-compatible gateway on this port"),
     api_keys: Optional[Path] = typer.Option(None, help="gateway API keys (JSON, hashed; see `tritonllm api-key`); "
                                                        "default: $TRITONLLM_API_KEYS, else no keys"),
+    health_port: Optional[int] = typer.Option(None, help="serve /health/ready and /health/live (the supervisor's "
+                                                          "checks, which run a real request) on this port"),
+    supervise: bool = typer.Option(True, "--supervise/--no-supervise",
+                                   help="check the server every 2 s with a real request; restart it when it fails"),
 ) -> None:
     """Start tritonserver on a repository (and the OpenAI gateway with --gateway-port); serve until Ctrl-C/SIGTERM."""
-    _run_server(repository, host, http_port, grpc_port, metrics_port, precision, None, gateway_port, api_keys)
+    _run_server(repository, host, http_port, grpc_port, metrics_port, precision, None, gateway_port, api_keys,
+                health_port, supervise)
 
 
 @app.command()
