@@ -40,7 +40,8 @@ def main() -> None:
     prompts = synthetic_prompts(AutoTokenizer.from_pretrained(tokenizer_dir), args.requests, 100, 200)
     levels = [int(level) for level in args.concurrency.split(",")]
     with TritonServer(repository) as triton:
-        settings = GatewaySettings(triton_grpc_urls=(triton.endpoints.grpc_url,), port=0)
+        # the ensemble on both sides: the same path, the gateway in front or not
+        settings = GatewaySettings(triton_grpc_urls=(triton.endpoints.grpc_url,), model="ensemble", port=0)
         with GatewayServer(settings, tokenizer_dir) as gateway:
             systems = [TritonStream(triton.endpoints.grpc_url, name="ensemble-grpc"),
                        OpenAICompletionsStream(gateway.url, settings.served_model_name, name="gateway-openai",

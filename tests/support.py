@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import requests
 from onnx import TensorProto, helper
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -165,3 +166,13 @@ def run_request(engine, request) -> Collector:
     engine.submit(request, collector.emit, lambda: collector.cancelled)
     collector.wait()
     return collector
+
+
+def engine_metric(server, name: str, **labels: str) -> float:
+    """The metric `name` (with these label values) on a running TritonServer's /metrics; 0 when it is not there
+    yet (the engine's metrics are flushed periodically)."""
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    for line in requests.get(server.endpoints.metrics_url, timeout=10).text.splitlines():
+        if line.startswith(name) and all(label in line for label in wanted):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

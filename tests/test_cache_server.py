@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import export_tiny_llama
+from support import engine_metric, export_tiny_llama
 
 from tritonllm.builders import repository
 from tritonllm.contract import CacheSettings, EngineSettings, RepositorySettings
@@ -143,15 +143,6 @@ def engine_finished(server: TritonServer) -> int:
     stats = requests.get(f"http://{server.endpoints.http_url}/v2/models/engine/stats", timeout=10).json()
     inference = stats["model_stats"][0]["inference_stats"]
     return int(inference["success"]["count"]) + int(inference["fail"]["count"])
-
-
-def engine_metric(server: TritonServer, name: str, **labels: str) -> float:
-    """The engine's metric `name` (with these label values) from /metrics; 0 when it is not there yet."""
-    wanted = [f'{key}="{value}"' for key, value in labels.items()]
-    for line in requests.get(server.endpoints.metrics_url, timeout=10).text.splitlines():
-        if line.startswith(name) and all(label in line for label in wanted):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_a_cancelled_stream_stops_in_the_engine_and_is_not_stored(llm, front_server):

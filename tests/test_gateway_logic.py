@@ -8,7 +8,7 @@ import pytest
 
 from tritonllm.contract import GatewaySettings, SettingsError
 from tritonllm.gateway.auth import ApiKey, KeyRing, RateLimited, RateLimiter, TokenBucket, hash_key, parse_keys
-from tritonllm.gateway.openai_api import APIError, json_depth, parse_body, parse_request
+from tritonllm.gateway.openai_api import APIError, Guide, json_depth, parse_body, parse_request
 from tritonllm.gateway.replicas import ReplicaPool
 
 SETTINGS = GatewaySettings(served_model_name="m")
@@ -44,6 +44,10 @@ def test_a_chat_request_is_read_with_openai_defaults_and_neutral_fields():
 @pytest.mark.parametrize("body, param", [
     ({**CHAT, "tenant": "other"}, "tenant"), ({**CHAT, "n": 3}, "n"), ({**CHAT, "response_format": {}},
                                                                          "response_format"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({**CHAT, "response_format": {"type": "json_object", "schema": {}}}, "response_format"),
+    ({**CHAT, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
+    ({**CHAT, "guided_choice": ["yes", 3]}, "guided_choice"), ({**CHAT, "guided_json": 5}, "guided_json"),
     ({**CHAT, "temperature": True}, "temperature"), ({**CHAT, "temperature": 2.5}, "temperature"),
     ({**CHAT, "max_tokens": 0}, "max_tokens"), ({**CHAT, "max_tokens": 4, "min_tokens": 5}, "min_tokens"), ({**CHAT, "seed": 2**64}, "seed"), ({**CHAT, "stop": [""]}, "stop"),
     ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
@@ -134,7 +138,7 @@ def test_token_bucket_never_exceeds_its_capacity():
 
 def test_replicas_are_chosen_by_fewest_in_flight_and_unready_ones_are_skipped():
     ready = {"a": True, "b": True, "c": False}
-    pool = ReplicaPool(("a", "b", "c"), lambda url: ready[url])
+    pool = ReplicaPool(("a", "b", "c"), "ensemble", lambda url: "ensemble" if ready[url] else None)
     pool.check_all()
     first, second = pool.choose(set()), pool.choose(set())
     assert {first.url, second.url} == {"a", "b"}  # c is out of rotation; a and b take one each
@@ -145,3 +149,28 @@ def test_replicas_are_chosen_by_fewest_in_flight_and_unready_ones_are_skipped():
     ready["c"] = True
     pool.check_all()
     assert pool.ready_count() == 3
+
+
+def test_structured_output_fields_become_one_guided_input():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    guide = lambda **fields: parse_request({**CHAT, **fields}, "chat", SETTINGS).guide
+    assert guide(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema,
+                                                                          "strict": True}}) == Guide(
+        "guided_json", json.dumps(schema), "response_format")
+    assert guide(response_format={"type": "json_object"}) == Guide("guided_json", '{"type": "object"}',
+                                                                   "response_format")
+    assert guide(response_format={"type": "text"}) is None and guide() is None
+    assert guide(guided_json=schema).text == json.dumps(schema)
+    assert guide(guided_regex="[0-9]+") == Guide("guided_regex", "[0-9]+", "guided_regex")
+    assert guide(guided_choice=["yes", "no"]) == Guide("guided_choice", '["yes", "no"]', "guided_choice")
+
+
+def test_the_auto_model_is_the_first_candidate_a_replica_serves():
+    served = {"a": "llm", "b": None}
+    pool = ReplicaPool(("a", "b"), "ensemble", lambda url: served[url])
+    assert [replica.model for replica in pool.replicas] == ["ensemble", "ensemble"]  # before any check
+    pool.check_all()
+    assert [(replica.model, replica.ready) for replica in pool.replicas] == [("llm", True), ("ensemble", False)]
+    served["b"] = "ensemble"  # b's repository has no llm
+    pool.check_all()
+    assert [replica.model for replica in pool.replicas] == ["llm", "ensemble"] and pool.ready_count() == 2

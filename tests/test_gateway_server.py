@@ -1,6 +1,7 @@
 """The OpenAI-compatible gateway in front of a real tritonserver, spoken to with the official `openai` client.
 
 The engine is a tiny random Llama (gibberish, deterministic under greedy decoding) with SmolLM2's tokenizer; the
+repository has the front model `llm` (semantic cache, the real embedder), which the gateway picks by default. The
 gateway runs in this process (uvicorn on a thread) on 127.0.0.1. Its replicas are the real server and, for the
 scale-out tests, a port nobody listens on (a replica that died).
 """
@@ -18,11 +19,11 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from support import export_tiny_llama
+from support import engine_metric, export_tiny_llama
 
 from tritonllm.builders import repository
 from tritonllm.client.api import GenerationParams, LLMClient
-from tritonllm.contract import EngineSettings, GatewaySettings, RepositorySettings
+from tritonllm.contract import CacheSettings, EngineSettings, GatewaySettings, RepositorySettings
 from tritonllm.gateway.auth import hash_key
 from tritonllm.gateway.server import GatewayServer
 from tritonllm.gateway.tokens import PromptTokens, repository_tokenizer_dir
@@ -40,13 +41,14 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 
 @pytest.fixture(scope="module")
-def tiny_repository(tmp_path_factory) -> Path:
+def tiny_repository(tmp_path_factory, embedder_dir) -> Path:
     from tritonllm.builders.source import prepare_hf_model
     from tritonllm.paths import cache_dir
 
     root = tmp_path_factory.mktemp("gateway")
     settings = RepositorySettings(
         tokenizer_dir=prepare_hf_model(None, cache_dir()), onnx_dir=export_tiny_llama(root / "tiny"),
+        embedder_dir=embedder_dir, cache=CacheSettings(snapshot_interval_seconds=3600.0),
         engine=EngineSettings(max_batch_size=8, max_context_length=512, kv_cache_max_tokens=8192, intra_op_threads=1))
     return repository.render_repository(settings, root / "repository")
 
@@ -196,6 +198,41 @@ def test_oversized_deep_and_broken_bodies_are_refused_and_the_server_stays_up(ga
     assert openai_client(gateway).completions.create(model=MODEL, prompt="still up", max_tokens=2).choices
 
 
+SIZES = {"type": "object", "properties": {"size": {"enum": ["S", "M", "L"]},
+                                        "count": {"type": "integer", "minimum": 1, "maximum": 9}},
+         "required": ["size", "count"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_and_json_object_answer_valid_json(gateway, stream):
+    import jsonschema
+
+    client = openai_client(gateway)
+    messages = [{"role": "user", "content": "Pick a size and a count."}]
+
+    def answer(**fields) -> str:
+        if not stream:
+            return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=32,
+                                                  **fields).choices[0].message.content
+        return "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=32, stream=True, **fields))
+
+    schema_format = {"type": "json_schema", "json_schema": {"name": "order", "schema": SIZES, "strict": True}}
+    jsonschema.validate(json.loads(answer(response_format=schema_format)), SIZES)
+    assert isinstance(json.loads(answer(response_format={"type": "json_object"})), dict)
+    assert answer(extra_body={"guided_choice": ["yes", "no"]}) in ("yes", "no")
+
+
+def test_a_schema_that_cannot_compile_is_a_400_naming_response_format(gateway):
+    broken = {"type": "json_schema", "json_schema": {"name": "broken", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client(gateway).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                       max_tokens=8, response_format=broken)
+    assert refused.value.param == "response_format" and "guided_json" in refused.value.message
+    assert openai_client(gateway).completions.create(model=MODEL, prompt="still up", max_tokens=2).choices
+
+
 def _prefix_hits(triton) -> float:
     """Prompt tokens the engine served from reused KV, once the requests before are flushed to /metrics."""
     time.sleep(2 * FLUSH_INTERVAL_SECONDS)
@@ -206,14 +243,15 @@ def _prefix_hits(triton) -> float:
 
 def test_the_tenant_comes_from_the_key(gateway, triton):
     """The engine reuses a cached prompt prefix only within a tenant: a second tenant sending the same prompt gets
-    no reused tokens, the first tenant again does."""
+    no reused tokens, the first tenant again does (with another max_tokens, so the semantic cache cannot answer)."""
     prompt = PROMPT + " The tenant test."
-    ask = lambda key: openai_client(gateway, key).completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    ask = lambda key, max_tokens=2: openai_client(gateway, key).completions.create(model=MODEL, prompt=prompt,
+                                                                                   max_tokens=max_tokens)
     ask("alpha")
     before = _prefix_hits(triton)
     ask("beta")
     assert _prefix_hits(triton) == before
-    ask("alpha")
+    ask("alpha", max_tokens=3)
     assert _prefix_hits(triton) > before
 
 
@@ -222,18 +260,27 @@ def _gateway_metric(gateway, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-def test_a_client_that_disconnects_mid_stream_cancels_its_triton_stream(gateway):
+def test_a_client_that_disconnects_mid_stream_stops_the_engine(gateway, triton):
+    """The gateway's default model is `llm`: the disconnect cancels its Triton stream, and the engine itself ends
+    the generation as cancelled long before its max_tokens."""
     disconnects = _gateway_metric(gateway, "tritonllm_gateway_client_disconnects_total")
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "stream": True}
-    with requests.post(gateway.url + "/v1/completions", json=body, stream=True, timeout=30,
+    cancelled = engine_metric(triton, "tritonllm_request_finished_total", reason="cancelled")
+    generated = engine_metric(triton, "tritonllm_generation_tokens_total")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT + " Disconnect."}], "max_tokens": 400,
+            "stream": True}
+    with requests.post(gateway.url + "/v1/chat/completions", json=body, stream=True, timeout=30,
                        headers={"Authorization": "Bearer alpha"}) as reply:
         lines = reply.iter_lines()
         assert next(line for line in lines if line.startswith(b"data:"))
-    deadline = time.monotonic() + 10
-    while _gateway_metric(gateway, "tritonllm_gateway_active_streams") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while (_gateway_metric(gateway, "tritonllm_gateway_active_streams")
+           or engine_metric(triton, "tritonllm_request_finished_total", reason="cancelled") == cancelled) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _gateway_metric(gateway, "tritonllm_gateway_active_streams") == 0
     assert _gateway_metric(gateway, "tritonllm_gateway_client_disconnects_total") == disconnects + 1
+    assert engine_metric(triton, "tritonllm_request_finished_total", reason="cancelled") == cancelled + 1
+    assert engine_metric(triton, "tritonllm_generation_tokens_total") - generated < 200
 
 
 def test_a_dead_replica_is_retried_around_and_left_out_of_rotation(triton, tiny_repository):

@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -20,7 +21,7 @@ from typing import NoReturn, Optional
 import typer
 from rich.console import Console
 
-from tritonllm.contract import PRECISIONS, GatewaySettings
+from tritonllm.contract import PRECISIONS, GatewayModel, GatewaySettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Build a Hugging Face causal LM into a Triton model repository, serve it, and measure it.")
@@ -42,6 +43,7 @@ Quant = _choices("Quant", "fp8")
 KvCacheDtype = _choices("KvCacheDtype", "fp8")
 Protocol = _choices("Protocol", "grpc", "http")
 Model = _choices("Model", "ensemble", "llm")
+GatewayTarget = _choices("GatewayTarget", *typing.get_args(GatewayModel))
 Tool = _choices("Tool", "perf_analyzer", "genai-perf")
 LlmCache = _choices("LlmCache", "bypass", "use")
 
@@ -216,11 +218,10 @@ def _start_supervision(server, host: str, health_port: Optional[int]):
 
 
 def _start_gateway(server, repository: Path, host: str, port: int, api_keys: Optional[Path]):
-    """The OpenAI gateway in this process, in front of `server` (its `llm` model when the repository has one)."""
-    model = "llm" if (Path(repository) / "llm").is_dir() else "ensemble"
+    """The OpenAI gateway in this process, in front of `server` (its `llm` model when it serves one: `auto`)."""
     try:
-        return _gateway_server(GatewaySettings(triton_grpc_urls=(server.endpoints.grpc_url,), model=model,
-                                               host=host, port=port), repository, None, api_keys)
+        return _gateway_server(GatewaySettings(triton_grpc_urls=(server.endpoints.grpc_url,), host=host, port=port),
+                               repository, None, api_keys)
     except BaseException:
         server.stop()
         raise
@@ -267,7 +268,9 @@ def gateway(
     triton: str = typer.Option("127.0.0.1:8001", help="comma-separated gRPC host:port of the Triton replicas"),
     repository: Optional[Path] = typer.Option(None, help="the served repository (its tokenizer is read)"),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder instead of --repository"),
-    model: Model = typer.Option(Model.ensemble, help="Triton model: ensemble, or llm (semantic cache)"),
+    model: GatewayTarget = typer.Option(GatewayTarget(GatewaySettings.model),
+                                        help="Triton model: auto (llm, the semantic cache whose cancellation stops "
+                                             "the engine, where a replica serves it; else ensemble), ensemble, llm"),
     served_model_name: str = typer.Option(GatewaySettings.served_model_name, help="the `model` clients name"),
     host: str = typer.Option(GatewaySettings.host),
     port: int = typer.Option(GatewaySettings.port),

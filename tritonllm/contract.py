@@ -366,7 +366,10 @@ def required_parameter(parameters: Mapping[str, str], name: str, model: str) -> 
 
 # --- OpenAI-compatible gateway -------------------------------------------------------------------------------------
 
-GatewayModel = Literal["ensemble", "llm"]
+GatewayModel = Literal["auto", "ensemble", "llm"]
+# What `auto` sends requests to, in order of preference, per replica: the front model `llm` where a replica serves it
+# (the semantic cache, and the only path whose cancellation stops the engine), else the ensemble.
+GATEWAY_AUTO_MODELS: tuple[str, ...] = ("llm", "ensemble")
 
 
 @dataclass(frozen=True)
@@ -374,7 +377,7 @@ class GatewaySettings:
     """The OpenAI-compatible HTTP gateway in front of one or more Triton replicas (tritonllm/gateway/)."""
 
     triton_grpc_urls: tuple[str, ...] = ("127.0.0.1:8001",)  # replicas, host:port of each one's gRPC endpoint
-    model: GatewayModel = "ensemble"  # Triton model requests go to: ensemble, or llm (semantic cache in front)
+    model: GatewayModel = "auto"  # Triton model requests go to: auto (llm where ready, else ensemble), ensemble, llm
     served_model_name: str = RepositorySettings.served_model_name  # the `model` clients name; GET /v1/models
     host: str = "127.0.0.1"
     port: int = 8080
@@ -389,7 +392,7 @@ class GatewaySettings:
     def validate(self) -> None:
         _check(bool(self.triton_grpc_urls) and all(url.rpartition(":")[2].isdigit() for url in self.triton_grpc_urls),
                "gateway.triton_grpc_urls", self.triton_grpc_urls, "one or more host:port")
-        _check(self.model in ("ensemble", "llm"), "gateway.model", self.model, "ensemble or llm")
+        _check(self.model in typing.get_args(GatewayModel), "gateway.model", self.model, "auto, ensemble or llm")
         _check(bool(self.served_model_name.strip()), "gateway.served_model_name", self.served_model_name,
                "a non-empty name")
         _check(0 <= self.port <= 65535, "gateway.port", self.port, "0..65535 (0: any free port)")

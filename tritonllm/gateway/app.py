@@ -21,11 +21,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tritonllm.client.api import GenerationError, GenerationParams, StreamEvent
-from tritonllm.contract import GatewaySettings
+from tritonllm.contract import GATEWAY_AUTO_MODELS, GatewaySettings
 from tritonllm.gateway.auth import OPEN_ACCESS, ApiKey, KeyRing, RateLimited, RateLimiter
-from tritonllm.gateway.openai_api import (SSE_DONE, APIError, GenerationRequest, Kind, ResponseWriter, Usage,
+from tritonllm.gateway.openai_api import (SSE_DONE, APIError, GenerationRequest, Guide, Kind, ResponseWriter, Usage,
                                           parse_body, parse_request, sse)
-from tritonllm.gateway.replicas import HealthWatch, Replica, ReplicaPool, grpc_ready
+from tritonllm.gateway.replicas import HealthWatch, Replica, ReplicaPool, grpc_ready_model
 from tritonllm.gateway.tokens import PromptTokens
 from tritonllm.gateway.upstream import TritonStream
 
@@ -83,14 +83,18 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-def _triton_error(error: GenerationError) -> APIError:
+def _triton_error(error: GenerationError, guide: Guide | None = None) -> APIError:
     if error.status == "DEADLINE_EXCEEDED":
         return APIError(504, f"Triton did not answer in time: {error.message}", error_type="server_error",
                         code="timeout")
     if error.status in RETRYABLE_STATUSES:
         return APIError(503, f"no Triton replica could take the request: {error.message}",
                         error_type="server_error", code="unavailable")
-    # Errors inside a Triton stream carry no status code; the models raise them for requests they refuse.
+    # Errors inside a Triton stream carry no status code; the models raise them for requests they refuse. A refused
+    # constraint names its ensemble input; the client knows it by the field it sent.
+    if guide is not None and f"input {guide.input}" in error.message:
+        return APIError(400, f"{guide.param} was refused by the model: {error.message}", param=guide.param,
+                        code="invalid_value")
     return APIError(400, f"the model refused the request: {error.message}", code="invalid_request")
 
 
@@ -105,8 +109,9 @@ class Gateway:
         self.settings, self.tokens = settings, tokens
         self.keyring = KeyRing(keys)
         self.limiter = RateLimiter(keys or (OPEN_ACCESS,))
-        self.pool = ReplicaPool(settings.triton_grpc_urls, functools.partial(
-            grpc_ready, model=settings.model, timeout=READY_TIMEOUT_SECONDS))
+        candidates = GATEWAY_AUTO_MODELS if settings.model == "auto" else (settings.model,)
+        self.pool = ReplicaPool(settings.triton_grpc_urls, candidates[-1], functools.partial(
+            grpc_ready_model, candidates=candidates, timeout=READY_TIMEOUT_SECONDS))
         self.metrics = GatewayMetrics(self.pool)
         if not keys:
             log.warning("no API keys configured: the gateway serves anyone who reaches it, as tenant ''")
@@ -158,7 +163,7 @@ class Gateway:
         upstream.close()
         raise ClientGone
 
-    async def _open(self, prompt: str, params: GenerationParams, stream: bool,
+    async def _open(self, request: GenerationRequest, prompt: str, params: GenerationParams,
                     disconnected: asyncio.Future) -> OpenStream:
         """A stream on the least loaded replica; one that cannot be reached before the first response is left out
         of rotation and the request goes to the next."""
@@ -169,14 +174,14 @@ class Gateway:
             if replica is None:
                 break
             tried.add(replica.url)
-            upstream = TritonStream(replica.url, self.settings.model, prompt, params, stream,
+            upstream = TritonStream(replica.url, replica.model, prompt, params, request.stream,
                                     self.settings.request_timeout_seconds)
             try:
                 return OpenStream(upstream, replica, await self._next(upstream, disconnected))
             except GenerationError as error:
                 self.pool.release(replica)
                 if error.status not in RETRYABLE_STATUSES:
-                    raise _triton_error(error) from None
+                    raise _triton_error(error, request.guide) from None
                 log.warning("replica %s failed before the first token (%s); out of rotation", replica.url, error)
                 self.pool.mark_unready(replica)
                 last = error
@@ -189,7 +194,8 @@ class Gateway:
         return GenerationParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                                 seed=request.seed, min_tokens=request.min_tokens,
                                 stop_words=list(request.stop) if request.stop else None,
-                                tenant=key.tenant)
+                                tenant=key.tenant, **({request.guide.input: request.guide.text} if request.guide
+                                                      else {}))
 
     def _usage(self, key: ApiKey, prompt: str, answer: str) -> Usage:
         usage = Usage(self.tokens.count_prompt(prompt), self.tokens.count_completion(answer))
@@ -208,7 +214,7 @@ class Gateway:
             parsed = parse_request(parse_body(await self._read_body(request), self.settings), kind, self.settings)
             prompt = self.tokens.prompt_text(parsed)
             disconnected = asyncio.ensure_future(_until_disconnected(request))
-            opened = await self._open(prompt, self._params(parsed, key), parsed.stream, disconnected)
+            opened = await self._open(parsed, prompt, self._params(parsed, key), disconnected)
         except APIError as error:
             if disconnected is not None:
                 disconnected.cancel()
@@ -260,7 +266,7 @@ class Gateway:
             if isinstance(gone, asyncio.CancelledError) or not stream:
                 raise
         except GenerationError as error:  # after the first piece: the status line is sent, the error goes in-band
-            failure = _triton_error(error)
+            failure = _triton_error(error, writer.request.guide)
             status = failure.status
             if not stream:
                 raise failure from None

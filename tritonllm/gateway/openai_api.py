@@ -22,10 +22,14 @@ INT32_MAX = 2**31 - 1  # max_tokens travels as INT32: larger values would wrap i
 UINT64_MAX = 2**64 - 1
 CHAT_ROLES = ("system", "user", "assistant")
 
+# Structured output: OpenAI's `response_format`, and vLLM's extensions naming an ensemble guided input directly.
+GUIDE_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
 # Fields each endpoint serves. `user` (an end-user id for OpenAI's abuse monitoring) is accepted and not used;
 # `min_tokens` and `ignore_eos` are vLLM's extensions that benchmark tools send to force the output length.
 _COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
-                  "min_tokens", "ignore_eos")
+                  "min_tokens", "ignore_eos", *GUIDE_FIELDS)
 SERVED_FIELDS: dict[Kind, tuple[str, ...]] = {
     "chat": ("messages", "max_completion_tokens", *_COMMON_FIELDS),
     "completion": ("prompt", *_COMMON_FIELDS),
@@ -51,6 +55,15 @@ class APIError(Exception):
 
 
 @dataclass(frozen=True)
+class Guide:
+    """A structured-output constraint: the ensemble input that carries it, its text, and the field it came in."""
+
+    input: str  # guided_json | guided_regex | guided_choice
+    text: str
+    param: str  # the request field, named in errors
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One OpenAI request, checked: what the gateway sends to Triton and how it answers."""
 
@@ -65,6 +78,7 @@ class GenerationRequest:
     seed: int | None
     stop: tuple[str, ...] | None
     min_tokens: int | None  # the end of turn is banned until this many tokens (ignore_eos: max_tokens)
+    guide: Guide | None = None
 
 
 # --- body -------------------------------------------------------------------------------------------------------
@@ -141,6 +155,49 @@ def _stop(body: dict, settings: GatewaySettings) -> tuple[str, ...] | None:
             or not all(isinstance(word, str) and word for word in words)):
         raise _refuse("stop", f"stop = {value!r} is not allowed; allowed: {allowed}")
     return tuple(words) or None
+
+
+def _response_format(value: object) -> Guide | None:
+    allowed = ('{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ..., '
+               '"schema": {...}}}')
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        raise _refuse("response_format", f"response_format = {value!r} is not allowed; allowed: {allowed}")
+    spec = value.get("json_schema")
+    if value["type"] != "json_schema":
+        if set(value) != {"type"}:
+            raise _refuse("response_format", f"response_format = {value!r} is not allowed; allowed: {allowed}")
+        return None if value["type"] == "text" else Guide("guided_json", JSON_OBJECT_SCHEMA, "response_format")
+    # `strict` is accepted either way: constrained decoding always follows the schema.
+    if (set(value) != {"type", "json_schema"} or not isinstance(spec, dict)
+            or set(spec) - {"name", "description", "schema", "strict"} or not isinstance(spec.get("schema"), dict)):
+        raise _refuse("response_format", f"response_format = {value!r} is not allowed; allowed: {allowed}")
+    return Guide("guided_json", json.dumps(spec["schema"]), "response_format")
+
+
+def _guided_field(name: str, value: object) -> Guide:
+    """vLLM's guided_json (a schema, or its JSON text), guided_regex (a pattern), guided_choice (strings)."""
+    if name == "guided_json" and isinstance(value, (dict, str)) and value:
+        return Guide(name, value if isinstance(value, str) else json.dumps(value), name)
+    if name == "guided_regex" and isinstance(value, str) and value:
+        return Guide(name, value, name)
+    if name == "guided_choice" and isinstance(value, list) and value and all(
+            isinstance(choice, str) and choice for choice in value):
+        return Guide(name, json.dumps(value), name)
+    allowed = {"guided_json": "a JSON schema (an object, or its JSON text)", "guided_regex": "a regular expression",
+               "guided_choice": "a non-empty list of non-empty strings"}[name]
+    raise _refuse(name, f"{name} = {value!r} is not allowed; allowed: {allowed}")
+
+
+def _guide(body: dict) -> Guide | None:
+    """The request's structured-output constraint; at most one of the guide fields may carry one."""
+    sent = [name for name in GUIDE_FIELDS if body.get(name) is not None]
+    if len(sent) > 1:
+        raise _refuse(sent[1], f"{', '.join(sent)} were sent together; allowed: at most one of "
+                               f"{', '.join(GUIDE_FIELDS)}")
+    if not sent:
+        return None
+    name = sent[0]
+    return _response_format(body[name]) if name == "response_format" else _guided_field(name, body[name])
 
 
 def _text_content(content: object, param: str) -> str:
@@ -226,7 +283,7 @@ def parse_request(body: dict[str, Any], kind: Kind, settings: GatewaySettings) -
         kind=kind, messages=messages, prompt=prompt, max_tokens=max_tokens, min_tokens=min_tokens,
         stream=stream, include_usage=_boolean(options or {}, "include_usage", "stream_options.include_usage"),
         temperature=_number(body, "temperature", 0.0, 2.0), top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
-        seed=_integer(body, "seed", 0, UINT64_MAX), stop=_stop(body, settings))
+        seed=_integer(body, "seed", 0, UINT64_MAX), stop=_stop(body, settings), guide=_guide(body))
 
 
 # --- responses ----------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Each request goes to the ready replica with the fewest requests in flight (ties: the one picked least often, so an
 idle pool is used round-robin). A replica leaves the rotation when its readiness check fails or a request to it
-cannot connect, and comes back when a readiness check passes again.
+cannot connect, and comes back when a readiness check passes again. The same check tells which Triton model of a
+replica takes the requests: the first of the candidates it answers ready for (with `auto`: `llm`, else `ensemble`).
 """
 
 from __future__ import annotations
@@ -15,33 +16,39 @@ from dataclasses import dataclass
 @dataclass
 class Replica:
     url: str  # gRPC host:port
+    model: str  # the Triton model requests go to (until a readiness check finds a preferred one ready)
     ready: bool = True
     in_flight: int = 0
     picks: int = 0
 
 
-def grpc_ready(url: str, model: str, timeout: float) -> bool:
-    """Whether the server at `url` answers ready for `model` (Triton's gRPC ServerReady and ModelReady)."""
+def grpc_ready_model(url: str, candidates: tuple[str, ...], timeout: float) -> str | None:
+    """The first of `candidates` the server at `url` answers ready for (Triton's gRPC ServerReady and ModelReady);
+    None when the server or every candidate is not ready."""
     import tritonclient.grpc as grpcclient
 
     try:
         client = grpcclient.InferenceServerClient(url)
         try:
-            return client.is_server_ready(client_timeout=timeout) and client.is_model_ready(model,
-                                                                                          client_timeout=timeout)
+            if not client.is_server_ready(client_timeout=timeout):
+                return None
+            return next((model for model in candidates if client.is_model_ready(model, client_timeout=timeout)),
+                        None)
         finally:
             client.close()
     except Exception:  # refused, timed out, not a Triton: out of rotation all the same
-        return False
+        return None
 
 
 class ReplicaPool:
     """The replicas and their load; `choose` and `release` are called from the event loop, `check_all` from the
     health thread (the flags it sets are plain booleans)."""
 
-    def __init__(self, urls: tuple[str, ...], is_ready: Callable[[str], bool]) -> None:
-        self.replicas = [Replica(url) for url in urls]
-        self._is_ready = is_ready
+    def __init__(self, urls: tuple[str, ...], fallback_model: str, ready_model: Callable[[str], str | None]) -> None:
+        """`ready_model(url)`: the model a replica serves requests with now, None when it is not ready;
+        `fallback_model` is used until a check has found one (every repository has it)."""
+        self.replicas = [Replica(url, fallback_model) for url in urls]
+        self._ready_model = ready_model
         self._lock = threading.Lock()
 
     def choose(self, excluded: set[str]) -> Replica | None:
@@ -66,14 +73,17 @@ class ReplicaPool:
 
     def check_all(self) -> None:
         for replica in self.replicas:
-            replica.ready = self._is_ready(replica.url)
+            model = self._ready_model(replica.url)
+            replica.ready = model is not None
+            replica.model = model or replica.model
 
     def ready_count(self) -> int:
         return sum(replica.ready for replica in self.replicas)
 
 
 class HealthWatch:
-    """A thread asking every replica's readiness each `interval` seconds until stopped."""
+    """Every replica's readiness asked once on `start` (so the first requests go to the model found), then by a
+    thread each `interval` seconds until stopped."""
 
     def __init__(self, pool: ReplicaPool, interval: float) -> None:
         self.pool, self.interval = pool, interval
@@ -81,11 +91,11 @@ class HealthWatch:
         self._thread = threading.Thread(target=self._run, name="gateway-health", daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.interval):
             self.pool.check_all()
-            self._stop.wait(self.interval)
 
     def start(self) -> None:
+        self.pool.check_all()
         self._thread.start()
 
     def stop(self) -> None:
