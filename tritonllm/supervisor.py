@@ -33,6 +33,7 @@ ENSEMBLE_MODEL = "ensemble"
 PROBE_PROMPT = "ping"
 PROBE_TENANT = "tritonllm-supervisor"  # its prefix-cache blocks never mix with a client's
 GENERATED_TOKENS_METRIC = "tritonllm_generation_tokens_total"
+RESTART_STOP_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,9 @@ class Supervisor:
 
     def _restart(self, reason: str) -> None:
         self.on_restart(reason)
-        self.server.stop()
+        # Requests waiting on a dead stub never complete: waiting Triton's whole exit timeout for them only delays
+        # the recovery, so the server gets a few seconds to unload (the cache writes its snapshot), then is killed.
+        self.server.stop(timeout=RESTART_STOP_SECONDS)
         try:
             self.server.start()
         except ServerError as error:
