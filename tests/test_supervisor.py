@@ -33,20 +33,6 @@ def tiny_repository(tmp_path_factory) -> Path:
     return repository.render_repository(settings, root / "repository")
 
 
-def stub_pids(server: TritonServer, model: str) -> list[int]:
-    """The Python-backend stubs of `model` that this tritonserver started."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == server.process.pid and any(part.endswith(f"/{model}/1/model.py".encode()) for part in cmdline):
-            pids.append(int(entry.name))
-    return pids
-
-
 def wait_for(condition, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -69,7 +55,7 @@ def test_a_killed_engine_stub_makes_the_server_not_ready_then_it_recovers_by_its
             wait_for(lambda: status("/health/ready") == 200, 60, "ready after start")
             assert status("/health/live") == 200
             # Triton's own readiness keeps answering 200 for a model whose stub is dead: ours must not.
-            os.kill(stub_pids(server, "engine")[0], signal.SIGKILL)
+            os.kill(server.stub_pids("engine")[0], signal.SIGKILL)
             wait_for(lambda: status("/health/ready") == 503, 60, "not ready once the engine's stub is dead")
             wait_for(lambda: supervisor.health().restarts == 1 and status("/health/ready") == 200, 120,
                      "ready again after a restart")

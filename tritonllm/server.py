@@ -190,6 +190,19 @@ class TritonServer:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def stub_pids(self, model: str) -> list[int]:
+        """The Python-backend stub processes of `model` this tritonserver started (for diagnosis and fault tests)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == self.process.pid and any(part.endswith(f"/{model}/1/model.py".encode()) for part in cmdline):
+                pids.append(int(entry.name))
+        return pids
+
     def stop(self, timeout: float = EXIT_TIMEOUT_SECONDS + 60.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests, then unloads models: finalize() runs, e.g. the cache's last
         snapshot), SIGKILL only after `timeout`, well past Triton's own exit timeout."""
