@@ -4,7 +4,8 @@ Why not `torch.onnx.export`: the exported eager attention concatenates past and 
 rewrites the whole KV cache. This graph uses `com.microsoft.GroupQueryAttention`, whose past and present are bound to
 **one preallocated buffer** per layer (`[slots, kv_heads, max_length, head_dim]`), so a step writes only the new
 positions. Fused rotary (inside GQA), packed QKV and gate/up projections, `SkipSimplifiedLayerNormalization` for the
-residual adds, and logits only where they are sampled (one position per row, chosen by `logits_index`) complete it.
+residual adds, and logits only where they are needed (positions chosen by `logits_index`: the last one of a prompt, or
+every drafted position of a speculative verification) complete it.
 `int8`/`int4` replace every weight MatMul, lm_head included, with `MatMulNBits` (accuracy_level 4: int8 dot products
 on AVX-512 VNNI).
 
@@ -14,17 +15,18 @@ inputs
   input_ids                  int64 [batch, sequence]   new tokens of each row (right-padded when rows differ)
   seqlens_k                  int32 [batch]             per row: tokens in the cache after this run, minus one
   total_sequence_length      int32 []                  max over rows of (tokens in the cache after this run)
-  logits_index               int64 [batch]             per row: which of the `sequence` new tokens to score
+  logits_index               int64 [batch, scored]     per row: which of the `sequence` new tokens to score
   past_key_values.{i}.key    float [batch, kv_heads, max_length, head_dim]   shared with present.{i}.key
   past_key_values.{i}.value  float [batch, kv_heads, max_length, head_dim]   shared with present.{i}.value
 outputs
-  logits                     float [batch, vocab]      next-token logits after `input_ids[row, logits_index[row]]`
+  logits                     float [batch, scored, vocab]  next-token logits after `input_ids[row, logits_index[row, j]]`
   present.{i}.key / .value   float [batch, kv_heads, max_length, head_dim]
 
 What ONNX Runtime's CPU GroupQueryAttention accepts (measured with 1.32): a run is either a *fresh prompt* run
 (`sequence == total_sequence_length`, any batch, right padding, rotary positions 0..) or a *continuation* run
-(`sequence == 1`, any batch, each row at position `seqlens_k[row]`), or a continuation of several tokens at batch 1
-(chunked prefill, a prompt after a reused prefix).
+(`sequence == 1`, any batch, each row at position `seqlens_k[row]`), or a continuation of several tokens (chunked
+prefill and a prompt after a reused prefix at batch 1; speculative verification at any batch, each row's new tokens
+ending at `seqlens_k[row]`).
 """
 
 from __future__ import annotations
@@ -212,14 +214,13 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
             ["final_norm" if is_last else f"layers.{layer + 1}.input_norm", "", "", f"layers.{layer}.residual"],
             f"layers.{layer}.next_norm", domain="com.microsoft", epsilon=epsilon)
 
-    # Only the scored position of each row reaches lm_head: [batch, sequence, hidden] -> [batch, hidden].
-    g.weight("gather_shape", np.array([-1, 1, 1], np.int64))
+    # Only the scored positions of each row reach lm_head (a long prompt scores one):
+    # [batch, sequence, hidden] -> [batch, scored, hidden].
+    g.weight("axis_2", np.array([2], np.int64))
     g.weight("hidden_size", np.array([1, 1, config.hidden_size], np.int64))
-    g.weight("axis_1", np.array([1], np.int64))
-    index = g.node("Reshape", [logits_index, "gather_shape"], ["logits_index_3d"], "logits_index_reshape")
+    index = g.node("Unsqueeze", [logits_index, "axis_2"], ["logits_index_3d"], "logits_index_unsqueeze")
     index = g.node("Expand", [index, "hidden_size"], ["logits_index_expanded"], "logits_index_expand")
-    picked = g.node("GatherElements", [normed, index], ["scored_hidden_3d"], "pick_scored", axis=1)
-    picked = g.node("Squeeze", [picked, "axis_1"], ["scored_hidden"], "squeeze_scored")
+    picked = g.node("GatherElements", [normed, index], ["scored_hidden"], "pick_scored", axis=1)
     lm_head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     g.node("MatMul", [picked, g.weight("lm_head.weight.transposed", lm_head.T)], [LOGITS], "lm_head")
 
@@ -227,10 +228,10 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
     inputs = [helper.make_tensor_value_info(input_ids, TensorProto.INT64, ["batch", "sequence"]),
               helper.make_tensor_value_info(seqlens_k, TensorProto.INT32, ["batch"]),
               helper.make_tensor_value_info(total_sequence_length, TensorProto.INT32, []),
-              helper.make_tensor_value_info(logits_index, TensorProto.INT64, ["batch"])]
+              helper.make_tensor_value_info(logits_index, TensorProto.INT64, ["batch", "scored"])]
     inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
                for name in past_names(config.num_hidden_layers)]
-    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", config.vocab_size])]
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "scored", config.vocab_size])]
     outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
                 for name in present_names(config.num_hidden_layers)]
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)

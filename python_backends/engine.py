@@ -3,7 +3,9 @@
 One loop thread owns the executor (onnx_runner.OnnxDecoder: the session and the KV slot pool). Every iteration it
 drops cancelled sequences, asks the scheduler (scheduler.py) for a plan, runs it (slot moves, prefix loads, prefill
 runs within `prefill_chunk_tokens`, one batched decode step over every running sequence), samples the next token
-of each sequence that got logits, emits it and marks finished sequences, which the scheduler retires. Requests arrive
+of each sequence that got logits, emits it and marks finished sequences, which the scheduler retires. When the plan
+lets sequences draft (speculative.py), the decode step becomes a verification of each row's drafted tokens: tokens
+are sampled position by position while they match the drafts, and the KV of rejected positions is rolled back. Requests arrive
 from any thread through `submit`; outputs leave through each request's `emit` callback, called on the loop thread.
 A request with a `guide` (structured output, guided.py) has its grammar compiled in `submit`; the masks of guided
 rows are computed on guided.MaskWorker's thread while the forward pass that needs them runs.
@@ -30,6 +32,7 @@ from tritonllm.python_backends.onnx_runner import OnnxDecoder
 from tritonllm.python_backends.prefix_cache import PrefixCache
 from tritonllm.python_backends.sampling import Sampler, SamplingParams, sample_batch
 from tritonllm.python_backends.scheduler import PrefillRun, Scheduler, SchedulerLimits, SequenceState, StepPlan
+from tritonllm.python_backends.speculative import make_drafter
 from tritonllm.python_backends.stop_criteria import FinishReason, finish_reason
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,13 @@ class EngineStats:
     prompt_tokens: int
     tokens_generated: int
     prefill_padding_ratio: float  # right padding / real prompt tokens computed in batched fresh prefills
-    decode_kv_bytes_per_step: float  # KV bytes read (past) + written (new token) per decode step, averaged
+    decode_kv_bytes_per_step: float  # KV bytes read (past) + written (new tokens) per decode step, averaged
+    decode_tokens: int  # tokens sampled by decode steps (verifying steps included)
+    decode_row_steps: int  # sum over those steps of their rows: decode_tokens / this = tokens per target step (1 plain)
+    verify_runs: int  # single-row runs that verified drafted tokens (a verifying step runs one per row)
+    speculative_drafter: str  # EngineSettings.speculative_drafter
+    drafted_tokens: int  # proposed by the drafter and verified
+    accepted_tokens: int  # of those, kept (each one a target step saved)
     kv_bytes_copied: int  # by slot moves and prefix loads/stores
     prefix_lookup_tokens: int  # prompt tokens looked up in the prefix cache
     prefix_hit_tokens: int  # of those, loaded from cached blocks instead of computed
@@ -112,6 +121,10 @@ class _Sequence(SequenceState):
 class _Totals:
     prompt_tokens: int = 0
     tokens_generated: int = 0
+    decode_tokens: int = 0
+    decode_row_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
 
 
@@ -130,8 +143,11 @@ class Engine:
         self.grammars = None if tokenizer_dir is None else GrammarCompiler(tokenizer_dir, self.vocab_size)
         self.masks = None if self.grammars is None else MaskWorker(self.grammars)
         self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_max_tokens)
+        self.drafter = make_drafter(settings)
         self.scheduler = Scheduler(SchedulerLimits(settings.max_batch_size, settings.kv_cache_max_tokens,
-                                                   settings.prefill_chunk_tokens, settings.prefill_group_ratio),
+                                                   settings.prefill_chunk_tokens, settings.prefill_group_ratio,
+                                                   settings.speculative_max_draft_tokens if self.drafter else 0,
+                                                   settings.speculative_max_batch_size),
                                    self.prefix_cache)
         self._incoming: deque[_Sequence] = deque()  # submitted, not yet handed to the scheduler (any thread)
         self._totals = _Totals()
@@ -180,7 +196,9 @@ class Engine:
         return _Sequence(tokens=prompt, prompt_length=len(prompt),
                          reserved_tokens=len(prompt) + request.max_new_tokens, tenant=request.tenant,
                          request=request, emit=emit, is_cancelled=is_cancelled, sampler=Sampler(params, len(prompt)),
-                         guide=guide)
+                         guide=guide,
+                         # Sampled tokens would need rejection sampling, guided ones a mask per drafted position.
+                         speculative=self.drafter is not None and params.greedy and guide is None)
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters (read without stopping the loop)."""
@@ -196,6 +214,9 @@ class Engine:
             prompt_tokens=self._totals.prompt_tokens, tokens_generated=self._totals.tokens_generated,
             prefill_padding_ratio=counters.prefill_padding_ratio,
             decode_kv_bytes_per_step=counters.decode_kv_bytes / max(counters.decode_steps, 1),
+            decode_tokens=self._totals.decode_tokens, decode_row_steps=self._totals.decode_row_steps, verify_runs=counters.verify_runs,
+            speculative_drafter=self.settings.speculative_drafter, drafted_tokens=self._totals.drafted_tokens,
+            accepted_tokens=self._totals.accepted_tokens,
             kv_bytes_copied=pool.bytes_copied, prefix_lookup_tokens=prefix.lookup_tokens,
             prefix_hit_tokens=prefix.hit_tokens, prefix_cached_tokens=self.prefix_cache.tokens,
             finished=dict(self._totals.finished))
@@ -253,9 +274,42 @@ class Engine:
             self.prefix_cache.store(store.key, pool.read(store.slot, store.start,
                                                           store.start + self.prefix_cache.block_tokens))
         if plan.decode:
-            masks = self._start_masks(plan.decode)
-            logits = executor.decode([sequence.tokens[-1] for sequence in plan.decode])
-            self._append_tokens(plan.decode, logits, masks)
+            sequences: list[_Sequence] = plan.decode  # type: ignore[assignment]
+            masks = self._start_masks(sequences)
+            before = self._totals.tokens_generated
+            drafts = [self.drafter.propose(sequence.tokens, limit)
+                      for sequence, limit in zip(sequences, plan.draft_limits)] if plan.draft_limits else []
+            if any(drafts):
+                self._verify(plan, sequences, drafts, masks)
+            else:
+                self._append_tokens(sequences, executor.decode([sequence.tokens[-1] for sequence in sequences]),
+                                    masks)
+            self._totals.decode_tokens += self._totals.tokens_generated - before
+            self._totals.decode_row_steps += len(sequences)
+
+    def _verify(self, plan: StepPlan, sequences: list[_Sequence], drafts: list[list[int]],
+                masks: PendingMasks | None) -> None:
+        """Score every row's last token + drafts (one run per row); keep each row's drafts while the target's own
+        choice matches them, plus the target's token after the last match; roll the slots back to what was kept."""
+        lengths = [len(sequence.tokens) for sequence in sequences]
+        logits = [self.executor.verify(slot, [sequence.tokens[-1], *draft])
+                  for slot, (sequence, draft) in enumerate(zip(sequences, drafts))]
+        self._append_tokens(sequences, np.stack([row[0] for row in logits]), masks)
+        matching = [row for row, draft in enumerate(drafts) if draft]
+        for position in range(max(map(len, drafts))):
+            matching = [row for row in matching if position < len(drafts[row]) and not sequences[row].done
+                        and sequences[row].tokens[-1] == drafts[row][position]]
+            if not matching:
+                break
+            self._append_tokens([sequences[row] for row in matching],
+                                np.stack([logits[row][position + 1] for row in matching]), None)
+        plan.drafted = [len(draft) for draft in drafts]
+        plan.accepted = [max(0, len(sequence.tokens) - length - 1) for sequence, length in zip(sequences, lengths)]
+        self._totals.drafted_tokens += sum(plan.drafted)
+        self._totals.accepted_tokens += sum(plan.accepted)
+        for slot, sequence in enumerate(sequences):
+            if not sequence.done:  # the newest token's KV is written by the next step, as after a decode
+                self.executor.truncate(slot, len(sequence.tokens) - 1)
 
     def _prefill(self, run: PrefillRun) -> None:
         sequences: list[_Sequence] = run.sequences  # type: ignore[assignment]

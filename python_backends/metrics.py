@@ -14,6 +14,10 @@ can join them. Names follow Prometheus conventions (base units, `_seconds`, `_to
 | `tritonllm_requests_waiting` | gauge | sequences queued for admission |
 | `tritonllm_prefix_cache_lookup_tokens_total` | counter | prompt tokens looked up in the prefix cache |
 | `tritonllm_prefix_cache_hit_tokens_total` | counter | of those, KV loaded from cached blocks instead of computed |
+| `tritonllm_decode_tokens_total` | counter | tokens sampled by decode steps (speculative verification included) |
+| `tritonllm_decode_row_steps_total` | counter | decode steps x their rows: tokens / this = tokens per target step |
+| `tritonllm_speculative_draft_tokens_total{drafter}` | counter | tokens proposed by the drafter and verified |
+| `tritonllm_speculative_accepted_tokens_total{drafter}` | counter | of those, kept: accepted / drafted = acceptance |
 | `tritonllm_kv_cache_tokens` | gauge | tokens held in the KV slots of admitted sequences |
 | `tritonllm_prefix_cache_tokens` | gauge | prompt-prefix tokens whose KV is kept for reuse |
 | `tritonllm_kv_cache_reserved_tokens` | gauge | prompt + max new tokens of every admitted sequence |
@@ -66,6 +70,18 @@ COUNTERS = {
                                        "Prompt tokens looked up in the prefix cache"),
     "prefix_hit_tokens": MetricSpec("tritonllm_prefix_cache_hit_tokens_total", "COUNTER",
                                     "Prompt tokens whose KV came from the prefix cache instead of being computed"),
+    "decode_tokens": MetricSpec("tritonllm_decode_tokens_total", "COUNTER",
+                                "Tokens sampled by decode steps (speculative verification included)"),
+    "decode_row_steps": MetricSpec("tritonllm_decode_row_steps_total", "COUNTER",
+                                   "Sequences in each decode step, summed over steps (decode tokens / this = tokens "
+                                   "per target step)"),
+}
+# Labelled with the engine's drafter (EngineSettings.speculative_drafter).
+SPECULATIVE_COUNTERS = {
+    "drafted_tokens": MetricSpec("tritonllm_speculative_draft_tokens_total", "COUNTER",
+                                 "Tokens proposed by the drafter and verified by the target"),
+    "accepted_tokens": MetricSpec("tritonllm_speculative_accepted_tokens_total", "COUNTER",
+                                  "Drafted tokens the target accepted"),
 }
 FINISHED = MetricSpec("tritonllm_request_finished_total", "COUNTER", "Sequences finished, by reason")
 GAUGES = {
@@ -80,7 +96,7 @@ GAUGES = {
     "kv_usage": MetricSpec("tritonllm_kv_cache_usage_ratio", "GAUGE",
                            "Reserved KV tokens / capacity; at 1 new requests wait"),
 }
-ALL_METRICS = (TTFT, ITL, *COUNTERS.values(), FINISHED, *GAUGES.values())
+ALL_METRICS = (TTFT, ITL, *COUNTERS.values(), *SPECULATIVE_COUNTERS.values(), FINISHED, *GAUGES.values())
 
 
 class TokenTimings:
@@ -112,7 +128,8 @@ def counter_increments(previous: EngineStats | None, current: EngineStats) -> di
     def totals_of(stats: EngineStats) -> dict[str, int]:
         return {"prompt_tokens": stats.prompt_tokens, "generation_tokens": stats.tokens_generated,
                 "prefix_lookup_tokens": stats.prefix_lookup_tokens, "prefix_hit_tokens": stats.prefix_hit_tokens,
-                **stats.finished}
+                "decode_tokens": stats.decode_tokens, "decode_row_steps": stats.decode_row_steps,
+                "drafted_tokens": stats.drafted_tokens, "accepted_tokens": stats.accepted_tokens, **stats.finished}
 
     totals = totals_of(current)
     before = {} if previous is None else totals_of(previous)
@@ -135,7 +152,8 @@ class EngineMetrics:
     `timings` to the Engine as its `token_timer`, then call `start(engine.stats)`; `close()` flushes a last time.
     """
 
-    def __init__(self, metric_family: Any, model: str, version: str, kv_capacity_tokens: int) -> None:
+    def __init__(self, metric_family: Any, model: str, version: str, kv_capacity_tokens: int,
+                 drafter: str = "off") -> None:
         self.kv_capacity_tokens = kv_capacity_tokens
         self.timings = TokenTimings()
         labels = {"model": model, "version": version}
@@ -151,6 +169,7 @@ class EngineMetrics:
         self._ttft = metric(TTFT)
         self._itl = metric(ITL)
         self._counters = {key: metric(spec) for key, spec in COUNTERS.items()}
+        self._counters |= {key: metric(spec, {"drafter": drafter}) for key, spec in SPECULATIVE_COUNTERS.items()}
         # Every reason exists from the start at 0, so rate() and absence alerts work before the first finish.
         self._counters |= {reason.value: metric(FINISHED, {"reason": reason.value}) for reason in FinishReason}
         self._gauges = {key: metric(spec) for key, spec in GAUGES.items()}

@@ -11,7 +11,11 @@
   `prefill_group_ratio`) together in one run, a long prompt in chunks, a prompt after a reused prefix as a
   continuation of its slot. Prompts complete in slot order, so completed ones join the decode range without moves;
 - prefix blocks to store once the runs are done (full prompt blocks not cached yet);
-- the decode rows: every decoding sequence, one token each.
+- the decode rows: every decoding sequence, one token each, or, when speculating, each row with up to
+  `draft_limits[i]` drafted tokens verified in its own run. Speculation is a latency tool: a verifying step reads
+  the weights once per row, a decode step once per batch, so it stops above `speculative_max_batch` rows. Each
+  sequence's own limit adapts to its measured acceptance (speculative.next_draft_limit, from the `drafted` and
+  `accepted` counts the engine records in the plan).
 
 `update(plan)` records what the executor computed and moves completed prompts into the decode range. Finished or
 cancelled sequences are marked `done` by the engine and leave at the next `schedule()`. Nothing here touches ONNX
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tritonllm.python_backends.prefix_cache import PrefixCache
+from tritonllm.python_backends.speculative import next_draft_limit
 
 
 @dataclass(eq=False)
@@ -42,6 +47,8 @@ class SequenceState:
     prefix_hit_tokens: int = 0
     admitted: bool = False
     done: bool = False
+    speculative: bool = False  # may draft tokens (greedy, unguided, the engine has a drafter)
+    draft_limit: int = 0  # drafted tokens it may verify in one step, adapted to its acceptance
 
 
 @dataclass
@@ -77,6 +84,10 @@ class StepPlan:
     prefills: list[PrefillRun] = field(default_factory=list)
     stores: list[PrefixStore] = field(default_factory=list)  # after the prefill runs
     decode: list[SequenceState] = field(default_factory=list)  # sequence i is in slot i
+    draft_limits: list[int] = field(default_factory=list)  # per decode row; empty: plain decode
+    # Recorded by the engine when it ran a verification: per decode row, tokens drafted and accepted.
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,8 @@ class SchedulerLimits:
     kv_budget_tokens: int
     prefill_chunk_tokens: int
     prefill_group_ratio: float
+    max_draft_tokens: int = 0  # 0: no speculation
+    speculative_max_batch: int = 0  # decode rows a verifying step may have
 
 
 class Scheduler:
@@ -131,6 +144,7 @@ class Scheduler:
         self._admit(plan)
         self._plan_prefill(plan)
         plan.decode = list(self.decoding)
+        self._plan_drafts(plan)
         return plan
 
     def update(self, plan: StepPlan) -> None:
@@ -140,6 +154,17 @@ class Scheduler:
                 sequence.computed = end
         while self.prefilling and self.prefilling[0].computed == self.prefilling[0].prompt_length:
             self.decoding.append(self.prefilling.pop(0))
+        for sequence, drafted, accepted in zip(plan.decode, plan.drafted, plan.accepted):
+            sequence.draft_limit = next_draft_limit(sequence.draft_limit, drafted, accepted,
+                                                    self.limits.max_draft_tokens)
+
+    def _plan_drafts(self, plan: StepPlan) -> None:
+        if (self.limits.max_draft_tokens == 0 or not 0 < len(plan.decode) <= self.limits.speculative_max_batch
+                or not any(sequence.speculative for sequence in plan.decode)):
+            return
+        # A drafted token past the last one the sequence may generate could never be kept.
+        plan.draft_limits = [max(0, min(sequence.draft_limit, sequence.reserved_tokens - len(sequence.tokens) - 1))
+                             if sequence.speculative else 0 for sequence in plan.decode]
 
     def _retire(self, plan: StepPlan) -> None:
         """Release done sequences; fill the holes so decoding stays at 0..R-1 and prefilling right after it."""
@@ -174,6 +199,7 @@ class Scheduler:
                 break  # the head waits for KV to free up; later requests do not overtake it
             self.waiting.popleft()
             head.admitted = True
+            head.draft_limit = limits.max_draft_tokens if head.speculative else 0
             self.reserved_tokens += head.reserved_tokens
             head.slot = len(self.decoding) + len(self.prefilling)
             self.prefilling.append(head)

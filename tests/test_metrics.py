@@ -24,7 +24,9 @@ from support import run_request
 def stats(**changes) -> EngineStats:
     values = dict(running=0, prefilling=0, waiting=0, kv_tokens_reserved=0, kv_tokens_in_use=0, decode_steps=0,
                   prompt_tokens=0, tokens_generated=0, prefill_padding_ratio=0.0, decode_kv_bytes_per_step=0.0,
-                  kv_bytes_copied=0, prefix_lookup_tokens=0, prefix_hit_tokens=0, prefix_cached_tokens=0, finished={})
+                  kv_bytes_copied=0, prefix_lookup_tokens=0, prefix_hit_tokens=0, prefix_cached_tokens=0, finished={},
+                  decode_tokens=0, decode_row_steps=0, verify_runs=0, speculative_drafter="off", drafted_tokens=0,
+                  accepted_tokens=0)
     return EngineStats(**{**values, **changes})
 
 
@@ -96,7 +98,9 @@ def test_engine_reports_one_first_token_and_one_gap_per_later_token(tiny_onnx):
         assert timings.drain() == ([], [])
         assert counter_increments(None, engine.stats()) == {
             "prompt_tokens": sum(len(p) for p in prompts), "generation_tokens": len(prompts) * new_tokens,
-            "prefix_lookup_tokens": sum(len(p) for p in prompts), FinishReason.LENGTH.value: len(prompts)}
+            "prefix_lookup_tokens": sum(len(p) for p in prompts), FinishReason.LENGTH.value: len(prompts),
+            # one token per sequence and decode step (no speculation): tokens per target step is 1
+            "decode_tokens": len(prompts) * (new_tokens - 1), "decode_row_steps": len(prompts) * (new_tokens - 1)}
     finally:
         engine.shutdown()
 

@@ -136,6 +136,8 @@ EngineKind = Literal["onnxruntime", "tensorrt_llm"]
 
 # Weight precisions of the ONNX Runtime engine (bf16 is not offered: ONNX Runtime's CPU provider has no bf16 kernels).
 PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int4")
+# Drafters of the ONNX Runtime engine's speculative decoding ("off": none; python_backends/speculative.py).
+SPECULATIVE_DRAFTERS: tuple[str, ...] = ("off", "prompt_lookup")
 
 
 class SettingsError(ValueError):
@@ -157,6 +159,15 @@ class EngineSettings:
     intra_op_threads: int = 0  # ONNX Runtime threads; 0 = one per core
     prefix_cache_max_tokens: int = 4096  # KV of prompt prefixes kept for reuse (per engine); 0 = off
     prefix_block_tokens: int = 16  # prompt tokens per reusable block
+    # Speculative decoding (greedy, unguided requests): a drafter proposes tokens, one target pass verifies them.
+    speculative_drafter: str = "off"  # off or prompt_lookup (n-gram continuation from the prompt and output)
+    speculative_max_draft_tokens: int = 8  # drafted tokens per sequence and step, at most
+    # Speculate only while the decode batch has at most this many rows: ONNX Runtime's CPU GroupQueryAttention
+    # verifies one row per run, so a verifying step reads the weights once per row where a decode step reads them
+    # once for the whole batch (benchmarks/speculative.py measures where that stops paying).
+    speculative_max_batch_size: int = 1
+    prompt_lookup_max_ngram: int = 3  # the longest suffix looked up first
+    prompt_lookup_min_ngram: int = 1
     # TensorRT-LLM only (rendered into the tensorrt_llm model).
     kv_cache_free_gpu_mem_fraction: float = 0.9
     enable_kv_cache_reuse: bool = True
@@ -179,6 +190,15 @@ class EngineSettings:
                self.prefix_cache_max_tokens, "0 (off) .. 1048576")
         _check(1 <= self.prefix_block_tokens <= 1024, "engine.prefix_block_tokens", self.prefix_block_tokens,
                "1..1024")
+        _check(self.speculative_drafter in SPECULATIVE_DRAFTERS, "engine.speculative_drafter",
+               self.speculative_drafter, " / ".join(SPECULATIVE_DRAFTERS))
+        _check(1 <= self.speculative_max_draft_tokens <= 64, "engine.speculative_max_draft_tokens",
+               self.speculative_max_draft_tokens, "1..64")
+        _check(1 <= self.speculative_max_batch_size <= 256, "engine.speculative_max_batch_size",
+               self.speculative_max_batch_size, "1..256")
+        _check(1 <= self.prompt_lookup_min_ngram <= self.prompt_lookup_max_ngram <= 16,
+               "engine.prompt_lookup_min_ngram / prompt_lookup_max_ngram",
+               (self.prompt_lookup_min_ngram, self.prompt_lookup_max_ngram), "1 <= min <= max <= 16")
         _check(0 <= self.intra_op_threads <= 1024, "engine.intra_op_threads", self.intra_op_threads,
                "0 (one per core) .. 1024")
         _check(0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0, "engine.kv_cache_free_gpu_mem_fraction",
@@ -258,7 +278,8 @@ def _check(ok: bool, name: str, value: object, allowed: str) -> None:
 ENGINE_PARAMETERS: tuple[str, ...] = (
     "precision", "max_batch_size", "max_queue_size", "kv_cache_max_tokens", "max_context_length",
     "prefill_chunk_tokens", "prefill_group_ratio", "intra_op_threads", "prefix_cache_max_tokens",
-    "prefix_block_tokens")
+    "prefix_block_tokens", "speculative_drafter", "speculative_max_draft_tokens", "speculative_max_batch_size",
+    "prompt_lookup_max_ngram", "prompt_lookup_min_ngram")
 CACHE_PARAMETERS: tuple[str, ...] = tuple(f.name for f in fields(CacheSettings))
 # Parameter of the front model naming the model it sends cache misses to.
 CALLED_MODEL_PARAMETER = "ensemble_model_name"

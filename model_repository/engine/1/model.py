@@ -29,7 +29,7 @@ class TritonPythonModel:
         parameters, version_dir = model_setup(args)
         settings = settings_from_parameters(EngineSettings, parameters, kind="onnxruntime")
         self.metrics = EngineMetrics(pb_utils.MetricFamily, args["model_name"], args["model_version"],
-                                     settings.kv_cache_max_tokens)
+                                     settings.kv_cache_max_tokens, settings.speculative_drafter)
         onnx_path = version_dir / required_parameter(parameters, "onnx_path", "engine")
         check_decoder_precision(onnx_path, settings.precision)
         # end_id comes with each request (preprocessing fills in the model's eos); pad_id needs no default: padded
