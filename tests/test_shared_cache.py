@@ -12,7 +12,8 @@ import pytest
 import redis
 from support import RedisServer
 
-from tritonllm.contract import CacheSettings
+from tritonllm.contract import CACHE_REDIS_URL_ENVIRONMENT, CacheSettings, SettingsError
+from tritonllm.python_backends.front import build_front
 from tritonllm.python_backends.semantic_cache import CacheKey, SemanticCache
 from tritonllm.python_backends.shared_cache import RedisCacheSync, redacted
 from tritonllm.server import free_port
@@ -105,6 +106,24 @@ def test_a_replica_started_before_redis_serves_locally_and_catches_up(replica):
         other = replica(server.url)
         other.cache.store(key(), PROMPT, ANSWER)
         wait_until(lambda: early.cache.lookup(key(), PROMPT).hit is not None)
+
+
+def test_the_front_model_shares_its_cache_when_a_redis_url_is_configured(embedder_dir, redis_url, tmp_path,
+                                                                         monkeypatch):
+    parameters = {"embedder_path": str(embedder_dir), "ensemble_model_name": "ensemble",
+                  "ensemble_inputs": "text_input,max_tokens", "redis_url": redis_url}
+    front, loaded = build_front(parameters, tmp_path)
+    front.close()
+    assert isinstance(front.keeper, RedisCacheSync) and loaded.problem is None
+    assert not (tmp_path / "cache_snapshot").exists()  # Redis keeps the entries, not a snapshot
+
+    monkeypatch.setenv(CACHE_REDIS_URL_ENVIRONMENT, "")  # the environment wins: local cache only
+    local, _ = build_front(parameters, tmp_path)
+    local.close()
+    assert not isinstance(local.keeper, RedisCacheSync)
+    monkeypatch.setenv(CACHE_REDIS_URL_ENVIRONMENT, "cache:6379")
+    with pytest.raises(SettingsError, match="cache.redis_url = 'cache:6379' is not allowed; allowed: .*redis://"):
+        build_front(parameters, tmp_path)
 
 
 def test_passwords_are_redacted_for_logs():
