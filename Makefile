@@ -3,9 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup system-packages demo test test-fast bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-packages
+
+# Debian packages the tests start: redis-server (the shared semantic cache). Installed only when missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+system-packages:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends redis-server; }
 
 $(STAMP): requirements.lock requirements-models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -19,6 +19,7 @@ The model.py adapter turns Triton tensors into numpy arrays for `Front.parse` an
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
@@ -29,11 +30,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tritonllm import contract
-from tritonllm.contract import (CACHE_MODES, CALLED_MODEL_PARAMETER, FORWARDED_INPUTS_PARAMETER, CacheSettings,
-                                required_parameter, settings_from_parameters)
+from tritonllm.contract import (CACHE_MODES, CACHE_REDIS_URL_ENVIRONMENT, CALLED_MODEL_PARAMETER,
+                                FORWARDED_INPUTS_PARAMETER, CacheSettings, required_parameter,
+                                settings_from_parameters)
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.sampling import SamplingParams
-from tritonllm.python_backends.semantic_cache import Autosaver, CacheKey, SemanticCache, SnapshotLoad
+from tritonllm.python_backends.semantic_cache import Autosaver, CacheKey, CacheStats, SemanticCache, SnapshotLoad
+from tritonllm.python_backends.shared_cache import RedisCacheSync
 
 # Input name -> numpy dtype, from the contract: what the ensemble takes, and what the front model takes.
 ENSEMBLE_INPUTS: dict[str, np.dtype] = {tensor.name: np.dtype(tensor.numpy_dtype)
@@ -68,12 +71,15 @@ class Reply:
 
 
 class Front:
-    """Parses requests and serves them from the cache or the ensemble; `cache` None means caching is off."""
+    """Parses requests and serves them from the cache or the ensemble; `cache` None means caching is off.
 
-    def __init__(self, cache: SemanticCache | None, model: str, autosaver: Autosaver | None = None,
+    `keeper` keeps the cache's entries beyond this process (the snapshot's Autosaver, or the shared store's
+    RedisCacheSync); `close` stops it."""
+
+    def __init__(self, cache: SemanticCache | None, model: str, keeper: Autosaver | RedisCacheSync | None = None,
                  on_lookup: Callable[[float], None] = lambda seconds: None,
                  forwarded_inputs: Iterable[str] = tuple(ENSEMBLE_INPUTS)) -> None:
-        self.cache, self.model, self.autosaver, self.on_lookup = cache, model, autosaver, on_lookup
+        self.cache, self.model, self.keeper, self.on_lookup = cache, model, keeper, on_lookup
         self.forwarded_inputs = frozenset(forwarded_inputs)  # the inputs the called ensemble offers
 
     def parse(self, arrays: Mapping[str, np.ndarray]) -> FrontRequest:
@@ -144,18 +150,23 @@ class Front:
         return outcome
 
     def close(self) -> None:
-        """Stops the autosaver after a last snapshot."""
-        if self.autosaver is not None:
-            self.autosaver.close()
+        """Stops the keeper (the autosaver after a last snapshot, or the shared store's reader)."""
+        if self.keeper is not None:
+            self.keeper.close()
 
 
 def build_front(parameters: Mapping[str, str], version_dir: Path,
-                on_lookup: Callable[[float], None] = lambda seconds: None) -> tuple[Front, SnapshotLoad]:
+                on_lookup: Callable[[float], None] = lambda seconds: None,
+                on_cache_change: Callable[[CacheStats], None] = lambda stats: None) -> tuple[Front, SnapshotLoad]:
     """The front as the llm model configuration describes it (parameters as strings; paths relative to
-    `version_dir`), with the snapshot loaded; the SnapshotLoad says why a snapshot was not used."""
+    `version_dir`; $TRITONLLM_CACHE_REDIS_URL wins over `redis_url`), with the stored entries loaded from the
+    snapshot or the shared Redis; the SnapshotLoad says why they were not. `on_cache_change` gets the cache's stats
+    when entries of other replicas arrive."""
     from tritonllm.python_backends.embedding import Embedder
 
-    settings = settings_from_parameters(CacheSettings, parameters)
+    redis_url = os.environ.get(CACHE_REDIS_URL_ENVIRONMENT)
+    settings = settings_from_parameters(CacheSettings, parameters,
+                                        **({"redis_url": redis_url} if redis_url is not None else {}))
     model = required_parameter(parameters, CALLED_MODEL_PARAMETER, "llm")
     forwarded = [name for name in required_parameter(parameters, FORWARDED_INPUTS_PARAMETER, "llm").split(",")
                  if name in ENSEMBLE_INPUTS]
@@ -163,6 +174,9 @@ def build_front(parameters: Mapping[str, str], version_dir: Path,
         return Front(None, model, on_lookup=on_lookup, forwarded_inputs=forwarded), SnapshotLoad(0, None)
     embedder = Embedder(version_dir / required_parameter(parameters, "embedder_path", "llm"))
     cache = SemanticCache(settings, embedder.embed_one, embedder.dimension, embedder.identity)
+    if settings.redis_url:
+        shared = RedisCacheSync(cache, settings.redis_url, on_cache_change)
+        return Front(cache, model, shared, on_lookup, forwarded), shared.loaded
     snapshot = version_dir / (settings.persist_path or DEFAULT_SNAPSHOT_FILE)  # an absolute persist_path wins
     loaded = cache.load_snapshot(snapshot)
     autosaver = Autosaver(cache, snapshot, settings.snapshot_interval_seconds)

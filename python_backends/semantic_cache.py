@@ -14,6 +14,8 @@ candidate's partition is checked again before it is served).
   Sampled answers (temperature > 0 without a seed) are neither stored nor served unless `cache_sampled`.
 - Persistent: `save_snapshot` writes the live entries atomically (temp file, fsync, rename) with a SHA-256 of the
   payload; `load_snapshot` refuses a damaged or foreign file and says why, leaving the cache empty.
+- Shareable: `on_store` is told of every answer stored here, and `add_stored` takes answers stored elsewhere (another
+  replica's, through `shared_cache.RedisCacheSync`) with their own creation time, so TTLs agree across replicas.
 
 Index choice (measured on this machine, 100k x 384, one thread; benchmarks/cache_eval.py prints the numbers): a flat
 inner-product scan costs ~8.5 ms per query, past the 2 ms budget; faiss HNSW answers in ~0.5 ms but cannot delete,
@@ -99,9 +101,25 @@ class CacheStats:
 
 
 @dataclass(frozen=True)
+class StoredAnswer:
+    """One cached answer as it travels between caches (a snapshot, the shared store)."""
+
+    partition: str  # CacheKey.partition: tenant, model and parameters
+    prompt: str
+    answer: bytes
+    vector: np.ndarray  # unit float32 embedding of the prompt
+    created_at: float  # when the answer was first stored (the TTL runs from it)
+
+    @cached_property
+    def digest(self) -> str:
+        """Names the (partition, prompt) pair: a newer answer to it replaces the older one."""
+        return prompt_digest(self.partition, self.prompt)
+
+
+@dataclass(frozen=True)
 class SnapshotLoad:
     entries: int
-    problem: str | None  # why the snapshot was not used; None when it loaded or did not exist
+    problem: str | None  # why the stored entries were not used; None when they loaded or there were none
 
 
 class SnapshotError(ValueError):
@@ -111,12 +129,11 @@ class SnapshotError(ValueError):
 @dataclass
 class _Entry:
     id: int
-    partition: str
-    exact: str
-    prompt: str
-    answer: bytes
-    vector: np.ndarray
-    created_at: float
+    stored: StoredAnswer
+
+    @property
+    def partition(self) -> str:
+        return self.stored.partition
 
 
 class SemanticCache:
@@ -139,6 +156,7 @@ class SemanticCache:
         self._next_id = 0
         self._hits = self._misses = self._evictions = self._expirations = self._rejections = 0
         self.version = 0  # changes whenever the stored entries change (the autosaver compares it)
+        self.on_store: Callable[[StoredAnswer], None] | None = None  # told of each answer stored here (not added)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -151,7 +169,7 @@ class SemanticCache:
         if not self.cacheable(key):
             return Lookup(None, 0.0, None)
         partition = key.partition
-        exact = _exact_digest(partition, prompt)
+        exact = prompt_digest(partition, prompt)
         with self._lock:
             entry = self._live_entry(self._exact.get(exact))
             if entry is not None:
@@ -171,7 +189,7 @@ class SemanticCache:
                 best = max(best, score)
                 if score < self.settings.similarity_threshold:
                     break  # candidates come best first
-                if conflict(entry.prompt, prompt) is None:
+                if conflict(entry.stored.prompt, prompt) is None:
                     return self._hit(entry, score, exact=False, vector=vector)
                 self._rejections += 1
             self._misses += 1
@@ -185,17 +203,24 @@ class SemanticCache:
             return f"answer of {len(answer)} bytes is over max_answer_bytes ({self.settings.max_answer_bytes})"
         if vector is None:
             vector = self._embed(prompt)
-        partition = key.partition
-        exact = _exact_digest(partition, prompt)
+        stored = StoredAnswer(key.partition, prompt, answer, np.asarray(vector, dtype=np.float32), self._clock())
         with self._lock:
-            if exact in self._exact:
-                self._remove(self._exact[exact])
-            while len(self._entries) >= self.settings.max_entries:
-                self._remove(next(iter(self._entries)))
-                self._evictions += 1
-            self._insert([(partition, exact, prompt, answer, np.asarray(vector, dtype=np.float32),
-                           self._clock())])
+            self._add([stored])
+        if self.on_store is not None:
+            self.on_store(stored)
         return None
+
+    def add_stored(self, answers: list[StoredAnswer]) -> int:
+        """Add answers stored elsewhere (oldest first: the last ones count as most recently used); each replaces
+        its prompt's earlier answer, those past the TTL are skipped, LRU keeps max_entries. Returns how many were
+        added. `on_store` is not told (they are stored already)."""
+        now = self._clock()
+        live = [stored for stored in answers if now - stored.created_at < self.settings.ttl_seconds]
+        live = list({stored.digest: stored for stored in reversed(live)}.values())[::-1]  # the last one per prompt
+        live = live[-self.settings.max_entries:]
+        with self._lock:
+            self._add(live)
+        return len(live)
 
     def stats(self) -> CacheStats:
         with self._lock:
@@ -216,7 +241,7 @@ class SemanticCache:
         """Write the live entries (LRU order kept) to `path` atomically; returns how many."""
         with self._lock:
             now = self._clock()
-            entries = [entry for entry in self._entries.values() if not self._expired(entry, now)]
+            entries = [entry.stored for entry in self._entries.values() if not self._expired(entry, now)]
         meta = json.dumps([{"partition": entry.partition, "prompt": entry.prompt, "created_at": entry.created_at,
                             "answer": base64.b64encode(entry.answer).decode("ascii")} for entry in entries],
                           ensure_ascii=False).encode()
@@ -242,15 +267,9 @@ class SemanticCache:
             records, vectors = self._read_snapshot(path)
         except (OSError, SnapshotError, ValueError, KeyError, TypeError) as error:
             return SnapshotLoad(0, f"snapshot {path} was not loaded ({error}); starting with an empty cache")
-        now = self._clock()
-        live = [(record, vector) for record, vector in zip(records, vectors)
-                if now - record["created_at"] < self.settings.ttl_seconds]
-        live = live[-self.settings.max_entries:]  # most recently used last
-        with self._lock:
-            self._insert([(record["partition"], _exact_digest(record["partition"], record["prompt"]),
-                           record["prompt"], base64.b64decode(record["answer"]), vector, record["created_at"])
-                          for record, vector in live])
-        return SnapshotLoad(len(live), None)
+        return SnapshotLoad(self.add_stored([
+            StoredAnswer(record["partition"], record["prompt"], base64.b64decode(record["answer"]), vector,
+                         record["created_at"]) for record, vector in zip(records, vectors)]), None)  # LRU order
 
     def _read_snapshot(self, path: Path) -> tuple[list[dict], np.ndarray]:
         with open(path, "rb") as file:
@@ -287,31 +306,39 @@ class SemanticCache:
     def _hit(self, entry: _Entry, similarity: float, exact: bool, vector: np.ndarray | None = None) -> Lookup:
         self._entries.move_to_end(entry.id)
         self._hits += 1
-        return Lookup(Hit(entry.answer, float(similarity), exact, entry.prompt), float(similarity), vector)
+        return Lookup(Hit(entry.stored.answer, float(similarity), exact, entry.stored.prompt), float(similarity),
+                      vector)
 
     def _expired(self, entry: _Entry, now: float) -> bool:
-        return now - entry.created_at >= self.settings.ttl_seconds
+        return now - entry.stored.created_at >= self.settings.ttl_seconds
 
-    def _insert(self, rows: list[tuple[str, str, str, bytes, np.ndarray, float]]) -> None:
-        """Add entries (partition, exact digest, prompt, answer, vector, created_at), most recently used last; each
-        partition's index gets its new vectors in one call."""
+    def _add(self, answers: list[StoredAnswer]) -> None:
+        """Add answers of distinct prompts, most recently used last: each replaces its prompt's earlier answer,
+        the least recently used entries make room (at most max_entries are given), and each partition's index gets
+        its new vectors in one call."""
+        for stored in answers:
+            if stored.digest in self._exact:
+                self._remove(self._exact[stored.digest])
+        while self._entries and len(self._entries) + len(answers) > self.settings.max_entries:
+            self._remove(next(iter(self._entries)))
+            self._evictions += 1
         by_partition: dict[str, list[_Entry]] = {}
-        for row in rows:
-            entry = _Entry(self._next_id, *row)
+        for stored in answers:
+            entry = _Entry(self._next_id, stored)
             self._next_id += 1
             self._entries[entry.id] = entry
-            self._exact[entry.exact] = entry.id
+            self._exact[stored.digest] = entry.id
             by_partition.setdefault(entry.partition, []).append(entry)
         for partition, entries in by_partition.items():
             index = self._partitions.get(partition)
             if index is None:
                 index = self._partitions[partition] = PartitionIndex(self.dimension, self._ivf_min_entries)
-            index.add([entry.id for entry in entries], np.stack([entry.vector for entry in entries]))
+            index.add([entry.id for entry in entries], np.stack([entry.stored.vector for entry in entries]))
         self.version += 1
 
     def _remove(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)
-        del self._exact[entry.exact]
+        del self._exact[entry.stored.digest]
         index = self._partitions[entry.partition]
         index.remove(entry_id)
         if len(index) == 0:
@@ -430,7 +457,7 @@ class Autosaver:
             self.save_if_changed()
 
 
-def _exact_digest(partition: str, prompt: str) -> str:
+def prompt_digest(partition: str, prompt: str) -> str:
     return hashlib.sha256(f"{partition}\0{prompt}".encode()).hexdigest()
 
 

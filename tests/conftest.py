@@ -123,6 +123,15 @@ def embedder(embedder_dir):
     return Embedder(embedder_dir)
 
 
+@pytest.fixture(scope="module")
+def redis_url():
+    """The URL of a real redis-server started for this module (free port, no persistence, killed afterwards)."""
+    from support import RedisServer
+
+    with RedisServer() as server:
+        yield server.url
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory) -> Path:
     """A tiny random Llama built into the engine's ONNX graph, once per session."""

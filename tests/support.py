@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,3 +179,42 @@ def engine_metric(server, name: str, **labels: str) -> float:
         if line.startswith(name) and all(label in line for label in wanted):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+class RedisServer:
+    """A real redis-server (Debian's package; `make setup` installs it) on a free 127.0.0.1 port, without
+    persistence; use as a context manager (killed on exit)."""
+
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+        from tritonllm.server import free_port
+
+        self.port = port or free_port()
+        self.password = password
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "RedisServer":
+        import redis
+
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed: `make setup` installs Debian's redis-server package"
+        self.process = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                                         "--appendonly", "no", "--daemonize", "no",
+                                         *(["--requirepass", self.password] if self.password else [])],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, f"redis-server exited with code {self.process.returncode}"
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not answer PING within 30 s"
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.kill()
+        self.process.wait()

@@ -138,6 +138,8 @@ BROKEN = {
     "streamed pieces may reorder": (
         edit("postprocessing", several_unordered_instances),
         "postprocessing/config.pbtxt", "dynamic_batching.preserve_ordering"),
+    "shared cache address not a Redis URL": (edit("llm", set_parameter("redis_url", "http://cache:6379")),
+                                             "llm/config.pbtxt", "parameters[redis_url]"),
     "front model's gRPC address not HOST:PORT": (edit("llm", set_parameter("ensemble_grpc_url", "localhost")),
                                                 "llm/config.pbtxt", "parameters[ensemble_grpc_url]"),
     "required step input left unmapped": (

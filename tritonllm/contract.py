@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 # --- tensors ---------------------------------------------------------------------------------------------------------
 
@@ -221,6 +222,10 @@ class CacheSettings:
     persist_path: str = ""  # empty: <model version dir>/cache_snapshot
     snapshot_interval_seconds: float = 30.0
     cache_sampled: bool = False  # cache temperature>0 answers that carry no seed
+    # Empty: this replica's cache only (kept across restarts by the snapshot). Else the Redis that every replica's
+    # cache shares (redis://host:port/db, rediss://..., unix:///path.sock); no snapshot then: Redis keeps the entries.
+    # $TRITONLLM_CACHE_REDIS_URL, when set, wins (one rendered repository, a Redis per deployment).
+    redis_url: str = ""
 
     def validate(self) -> None:
         _check(0.0 < self.similarity_threshold <= 1.0, "cache.similarity_threshold", self.similarity_threshold,
@@ -231,6 +236,26 @@ class CacheSettings:
                "1..16777216")
         _check(self.snapshot_interval_seconds > 0, "cache.snapshot_interval_seconds",
                self.snapshot_interval_seconds, "> 0")
+        _check(_is_redis_url(self.redis_url), "cache.redis_url", self.redis_url,
+               "empty (no shared cache), redis://host[:port][/db], rediss://host[:port][/db] or unix:///path")
+
+
+CACHE_REDIS_URL_ENVIRONMENT = "TRITONLLM_CACHE_REDIS_URL"  # overrides CacheSettings.redis_url in the front model
+
+
+def _is_redis_url(url: str) -> bool:
+    if not url:
+        return True
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536  # .port raises on a non-numeric port
+    except ValueError:
+        return False
+    if parts.scheme == "unix":
+        return bool(parts.path) and not parts.netloc
+    database = parts.path.strip("/")  # redis://host/3: database 3
+    return (parts.scheme in ("redis", "rediss") and bool(parts.hostname) and port_ok
+            and (not database or database.isdigit()))
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,8 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         parameters, version_dir = model_setup(args)
         self.metrics = CacheMetrics()
-        self.front, loaded = front.build_front(parameters, version_dir, self.metrics.observe_lookup)
+        self.front, loaded = front.build_front(parameters, version_dir, self.metrics.observe_lookup,
+                                               self.metrics.update)
         self.ensemble = self.front.model
         self.ensemble_url = ensemble_url(parameters.get(ENSEMBLE_URL_PARAMETER))
         self.engine_model = parameters.get(ENGINE_MODEL_PARAMETER)
