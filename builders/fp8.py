@@ -1,22 +1,25 @@
-"""FP8 post-training quantization for TensorRT-LLM, with an accuracy gate.
+"""FP8 post-training quantization for TensorRT-LLM, with an accuracy gate and a recipe search.
 
-Steps: load the Hugging Face model in bf16 (cast before quantizing, or the export rounds twice), calibrate FP8
-weights + activations (+ optionally the KV cache) with NVIDIA Model Optimizer on calibration prompts, export a
-TensorRT-LLM checkpoint and an FP8 Hugging Face checkpoint, check both against the source model, then rebuild the
-model from the TensorRT-LLM checkpoint with real FP8 GEMMs (fp8_verify.py) and compare it with the unquantized model
-on held-out prompts. Everything is written into a temporary folder that becomes `out_dir` only when the gate passes.
+Steps, per recipe (RECIPES, cheapest first): load the Hugging Face model in bf16 (cast before quantizing, or the
+export rounds twice), calibrate FP8 weights + activations (+ optionally the KV cache) with NVIDIA Model Optimizer on
+calibration prompts, optionally keep the decoder layers a measured sensitivity scan finds most harmful in bf16,
+export a TensorRT-LLM checkpoint and an FP8 Hugging Face checkpoint, check both against the source model, then
+rebuild the model from the TensorRT-LLM checkpoint with real FP8 GEMMs (fp8_verify.py) and compare it with the
+unquantized model on held-out prompts. The first recipe that passes is published; every attempt, refused ones
+included, is in the report. Everything is written into a temporary folder that becomes `out_dir` only when a recipe
+passes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import shutil
-import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,8 +31,10 @@ from tritonllm.python_backends.chat import encode_user_turn
 
 from .errors import BuildError
 from .files import atomic_dir
-from .fp8_verify import (CHECKPOINT_WEIGHTS, CheckpointModel, GateReport, GateThresholds,
-                         checkpoint_tensor_problems, read_checkpoint_config, run_gate, score_sequences)
+from .fp8_verify import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, FP8_DTYPE, LAYER_LINEARS, PER_CHANNEL_PER_TOKEN,
+                         PER_TENSOR, CheckpointModel, GateReport, GateThresholds, TokenScores,
+                         checkpoint_tensor_problems, compare_scores, read_checkpoint_config, run_gate,
+                         score_sequences)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CALIBRATION_FILE = DATA_DIR / "calibration_prompts.jsonl"
@@ -42,6 +47,54 @@ HF_FP8_DIR = "hf_fp8"
 REPORT_FILE = "gate_report.json"
 MODELOPT_LOG = "modelopt.log"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+HF_QUANT_CONFIG = "hf_quant_config.json"
+# TensorRT-LLM linear layer -> the Hugging Face projections fused into it (in the fused weight's row order).
+HF_LINEARS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "attention.dense": ("self_attn.o_proj",), "mlp.fc": ("mlp.gate_proj",), "mlp.gate": ("mlp.up_proj",),
+              "mlp.proj": ("mlp.down_proj",)}
+# TensorRT-LLM scale tensor -> the FP8 Hugging Face checkpoint's, per quant algo.
+HF_SCALES = {PER_TENSOR: {"weights_scaling_factor": "weight_scale", "activation_scaling_factor": "input_scale"},
+             PER_CHANNEL_PER_TOKEN: {"per_channel_scale": "weight_scale"}}
+SCAN_PROMPTS = 32  # calibration prompts the sensitivity scan scores (never the held-out ones the gate scores)
+# At most this share of the decoder layers is kept in bf16: beyond it the build is no longer an FP8 model.
+MAX_EXCLUDED_LAYER_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """One way to quantize: the TensorRT-LLM quant algo, whether the KV cache is FP8 too, and whether the decoder
+    layers the sensitivity scan finds most harmful stay in bf16."""
+
+    name: str
+    quant_algo: str
+    kv_cache_fp8: bool
+    keep_sensitive_layers: bool = False
+
+
+# Cheapest first (most FP8, fewest scales): the search publishes the first that passes the gate.
+RECIPES = (
+    Fp8Recipe("fp8-per-tensor+fp8-kv", PER_TENSOR, kv_cache_fp8=True),
+    Fp8Recipe("fp8-per-tensor", PER_TENSOR, kv_cache_fp8=False),
+    Fp8Recipe("fp8-mixed+fp8-kv", PER_TENSOR, kv_cache_fp8=True, keep_sensitive_layers=True),
+    Fp8Recipe("fp8-mixed", PER_TENSOR, kv_cache_fp8=False, keep_sensitive_layers=True),
+    Fp8Recipe("fp8-rowwise+fp8-kv", PER_CHANNEL_PER_TOKEN, kv_cache_fp8=True),
+    Fp8Recipe("fp8-rowwise", PER_CHANNEL_PER_TOKEN, kv_cache_fp8=False),
+)
+RECIPE_NAMES = tuple(recipe.name for recipe in RECIPES)
+
+
+def select_recipes(kv_cache_fp8: bool | None, names: list[str] | None = None) -> list[Fp8Recipe]:
+    """The recipes to search, in order: all of them, or only those with (True) / without (False) an FP8 KV cache,
+    optionally only the named ones."""
+    unknown = set(names or ()) - set(RECIPE_NAMES)
+    if unknown:
+        raise BuildError(f"FP8 recipe {sorted(unknown)} is not known; allowed: {', '.join(RECIPE_NAMES)}")
+    chosen = [recipe for recipe in RECIPES if (kv_cache_fp8 is None or recipe.kv_cache_fp8 == kv_cache_fp8)
+              and (names is None or recipe.name in names)]
+    if not chosen:
+        raise BuildError(f"no FP8 recipe matches recipes {names} with kv_cache_fp8={kv_cache_fp8}; allowed: "
+                         f"{', '.join(RECIPE_NAMES)}")
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -77,12 +130,14 @@ def tokenize_prompts(tokenizer, prompts: list[tuple[str, str]]) -> list[torch.Te
     return sequences
 
 
-def calibrate_fp8(model: torch.nn.Module, sequences: list[torch.Tensor], kv_cache_fp8: bool) -> None:
-    """Insert FP8 quantizers (per-tensor weights and activations; the KV cache too when asked) and calibrate their
-    ranges (max) on the sequences, in place. lm_head stays unquantized (Model Optimizer's FP8 default)."""
+def calibrate_fp8(model: torch.nn.Module, sequences: list[torch.Tensor], kv_cache_fp8: bool,
+                  quant_algo: str = PER_TENSOR) -> None:
+    """Insert FP8 quantizers (weights and activations per tensor, or weights per output channel and activations per
+    token at run time; the KV cache too when asked) and calibrate their ranges (max) on the sequences, in place.
+    lm_head stays unquantized (Model Optimizer's FP8 default)."""
     import modelopt.torch.quantization as mtq
 
-    config = mtq.FP8_DEFAULT_CFG
+    config = {PER_TENSOR: mtq.FP8_DEFAULT_CFG, PER_CHANNEL_PER_TOKEN: mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG}[quant_algo]
     if kv_cache_fp8:
         config = mtq.update_quant_cfg_with_kv_cache_quant(config, mtq.FP8_KV_CFG["quant_cfg"])
 
@@ -96,8 +151,76 @@ def calibrate_fp8(model: torch.nn.Module, sequences: list[torch.Tensor], kv_cach
         mtq.quantize(model, config, forward_loop)
 
 
-def export_checkpoints(model: torch.nn.Module, checkpoint_dir: Path, hf_fp8_dir: Path, source_dir: Path) -> None:
-    """Write the TensorRT-LLM checkpoint (config.json + rank0.safetensors) and the FP8 Hugging Face checkpoint."""
+def _is_linear_quantizer(name: str, layer: int | None = None) -> bool:
+    """A weight or input quantizer of a decoder layer's linear layers (of `layer`, or of any layer); the KV cache's
+    quantizers are not."""
+    inside = f".layers.{layer}." in name if layer is not None else ".layers." in name
+    return inside and name.endswith(("weight_quantizer", "input_quantizer"))
+
+
+def layer_sensitivity(model: torch.nn.Module, sequences: list[torch.Tensor], reference: TokenScores,
+                      thresholds: GateThresholds) -> list[dict]:
+    """The gate's measures with one decoder layer's linear layers quantized at a time (Model Optimizer's simulated
+    quantization of the calibrated model; the KV cache as calibrated), on calibration sequences. Leaves every
+    quantizer enabled again."""
+    import modelopt.torch.quantization as mtq
+
+    device = next(model.parameters()).device
+    results = []
+    mtq.disable_quantizer(model, _is_linear_quantizer)
+    try:
+        for layer in range(model.config.num_hidden_layers):
+            mtq.enable_quantizer(model, lambda name: _is_linear_quantizer(name, layer))
+            scores = score_sequences(lambda ids: model(ids.to(device)).logits, sequences)
+            agreement, increase, _ = compare_scores(scores, reference, thresholds)
+            results.append({"layer": layer, "top1_agreement": agreement, "perplexity_increase": increase})
+            mtq.disable_quantizer(model, lambda name: _is_linear_quantizer(name, layer))
+    finally:
+        mtq.enable_quantizer(model, _is_linear_quantizer)
+    return results
+
+
+def keep_sensitive_layers(model: torch.nn.Module, sequences: list[torch.Tensor], reference: TokenScores,
+                          thresholds: GateThresholds) -> dict:
+    """Leave the most sensitive decoder layers unquantized: rank them by the sensitivity scan (lowest agreement
+    first), then disable the quantizers of the top 1, 2, ... until the simulated model passes the thresholds on the
+    calibration sequences (at most MAX_EXCLUDED_LAYER_SHARE of the layers). Returns the scan and the choice."""
+    import modelopt.torch.quantization as mtq
+
+    device = next(model.parameters()).device
+    scan = layer_sensitivity(model, sequences, reference, thresholds)
+    ranked = [row["layer"] for row in sorted(scan, key=lambda row: (row["top1_agreement"],
+                                                                     -row["perplexity_increase"]))]
+    limit = max(1, int(len(ranked) * MAX_EXCLUDED_LAYER_SHARE))
+    trials = []
+    for layer in ranked[:limit]:
+        mtq.disable_quantizer(model, lambda name: _is_linear_quantizer(name, layer))
+        scores = score_sequences(lambda ids: model(ids.to(device)).logits, sequences)
+        agreement, increase, failures = compare_scores(scores, reference, thresholds)
+        trials.append({"excluded_layers": sorted(ranked[:len(trials) + 1]), "top1_agreement": agreement,
+                       "perplexity_increase": increase})
+        if not failures:
+            break
+    return {"scan": scan, "trials": trials, "excluded_layers": trials[-1]["excluded_layers"],
+            "scan_prompts": len(sequences)}
+
+
+def exclude_modules(excluded_layers: list[int], naming: str) -> list[str]:
+    """The exact module names a checkpoint's exclude_modules lists: lm_head and every linear layer of the excluded
+    decoder layers, in TensorRT-LLM ("trtllm") or Hugging Face ("hf") naming. Exact names, not Model Optimizer's
+    `transformer.layers.1*`, which TensorRT-LLM's fnmatch would also apply to layers 10-19."""
+    names = ["lm_head"] + (["model.embed_tokens"] if naming == "hf" else [])
+    for layer in sorted(excluded_layers):
+        for linear, hf_names in HF_LINEARS.items():
+            names += ([f"transformer.layers.{layer}.{linear}"] if naming == "trtllm"
+                      else [f"model.layers.{layer}.{name}" for name in hf_names])
+    return names
+
+
+def export_checkpoints(model: torch.nn.Module, checkpoint_dir: Path, hf_fp8_dir: Path, source_dir: Path,
+                       excluded_layers: list[int] | None = None) -> None:
+    """Write the TensorRT-LLM checkpoint (config.json + rank0.safetensors) and the FP8 Hugging Face checkpoint;
+    with excluded layers, both configs list them by exact module name."""
     from modelopt.torch.export import export_hf_checkpoint, export_tensorrt_llm_checkpoint
 
     decoder_type = DECODER_TYPES[model.config.model_type]
@@ -108,13 +231,29 @@ def export_checkpoints(model: torch.nn.Module, checkpoint_dir: Path, hf_fp8_dir:
     # scale in bf16 rounds twice (measured: ~2.5% of the FP8 weights one step off the TensorRT-LLM checkpoint's).
     # Unquantized tensors keep the model's bf16.
     export_hf_checkpoint(model, dtype=torch.float32, export_dir=hf_fp8_dir)
+    if excluded_layers:
+        _set_exclude_modules(checkpoint_dir / CHECKPOINT_CONFIG, exclude_modules(excluded_layers, "trtllm"))
+        _set_exclude_modules(hf_fp8_dir / HF_QUANT_CONFIG, exclude_modules(excluded_layers, "hf"))
     for name in TOKENIZER_FILES:
         if (source_dir / name).is_file():
             shutil.copy2(source_dir / name, hf_fp8_dir / name)
 
 
-def config_mismatches(checkpoint_config: dict, source_config, kv_cache_fp8: bool) -> list[str]:
-    """Where the exported TensorRT-LLM config disagrees with the source model's config (missing keys included)."""
+def _set_exclude_modules(config_file: Path, names: list[str]) -> None:
+    config = json.loads(config_file.read_text())
+    config["quantization"]["exclude_modules"] = names
+    config_file.write_text(json.dumps(config, indent=4) + "\n")
+
+
+def expected_quantization(recipe: Fp8Recipe, excluded_layers: list[int]) -> dict:
+    """The `quantization` block a recipe's TensorRT-LLM checkpoint must carry (what trtllm-build reads)."""
+    return {"quant_algo": recipe.quant_algo, "kv_cache_quant_algo": "FP8" if recipe.kv_cache_fp8 else None,
+            "exclude_modules": exclude_modules(excluded_layers, "trtllm")}
+
+
+def config_mismatches(checkpoint_config: dict, source_config, quantization: dict) -> list[str]:
+    """Where the exported TensorRT-LLM config disagrees with the source model's config or with the expected
+    `quantization` block (missing keys included)."""
     heads = source_config.num_attention_heads
     expected = {
         "architecture": (source_config.architectures or [None])[0],
@@ -130,8 +269,7 @@ def config_mismatches(checkpoint_config: dict, source_config, kv_cache_fp8: bool
         "norm_epsilon": source_config.rms_norm_eps,
         "rotary_base": source_config.rope_theta,
         "rotary_scaling": source_config.rope_scaling,
-        "quantization.quant_algo": "FP8",
-        "quantization.kv_cache_quant_algo": "FP8" if kv_cache_fp8 else None,
+        **{f"quantization.{key}": value for key, value in quantization.items()},
     }
     mismatches = []
     for key, want in expected.items():
@@ -148,49 +286,60 @@ def config_mismatches(checkpoint_config: dict, source_config, kv_cache_fp8: bool
     return mismatches
 
 
-def hf_export_mismatches(hf_fp8_dir: Path, checkpoint_tensors: dict[str, torch.Tensor], layers: int) -> list[str]:
-    """Where the FP8 Hugging Face checkpoint's quantized weights or scales differ from the TensorRT-LLM checkpoint's:
-    both must hold the same FP8 model (fused q/k/v and gate/up with one shared scale each)."""
+def hf_export_mismatches(hf_fp8_dir: Path, checkpoint_tensors: dict[str, torch.Tensor], layers: int,
+                         quant_algo: str = PER_TENSOR) -> list[str]:
+    """Where the FP8 Hugging Face checkpoint differs from the TensorRT-LLM checkpoint: both must hold the same model,
+    FP8 weights bit for bit with the same scales (fused q/k/v and gate/up sharing per-tensor scales), unquantized
+    layers with the same bf16 weights."""
     hf = {}
     for shard in sorted(Path(hf_fp8_dir).glob("*.safetensors")):
         hf.update(load_file(shard))
-    pairs = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-             "attention.dense": ("self_attn.o_proj",), "mlp.fc": ("mlp.gate_proj",), "mlp.gate": ("mlp.up_proj",),
-             "mlp.proj": ("mlp.down_proj",)}
-    scales = {"weights_scaling_factor": "weight_scale", "activation_scaling_factor": "input_scale"}
     mismatches = []
     for layer in range(layers):
-        for trt_name, hf_names in pairs.items():
+        for trt_name, hf_names in HF_LINEARS.items():
             trt_prefix, hf_prefixes = f"transformer.layers.{layer}.{trt_name}", [
                 f"model.layers.{layer}.{name}" for name in hf_names]
             try:
-                weight = torch.cat([hf[f"{p}.weight"] for p in hf_prefixes]).view(torch.uint8)
-                if not torch.equal(weight, checkpoint_tensors[f"{trt_prefix}.weight"].view(torch.uint8)):
-                    mismatches.append(f"{hf_fp8_dir.name}: FP8 weights of {', '.join(hf_prefixes)} differ from "
-                                      f"{trt_prefix}.weight")
-                for trt_scale, hf_scale in scales.items():
-                    want = checkpoint_tensors[f"{trt_prefix}.{trt_scale}"].reshape(())
-                    for prefix in hf_prefixes:
-                        if not torch.equal(hf[f"{prefix}.{hf_scale}"].reshape(()), want):
-                            mismatches.append(f"{hf_fp8_dir.name}: {prefix}.{hf_scale} differs from "
-                                              f"{trt_prefix}.{trt_scale}")
+                trt_weight = checkpoint_tensors[f"{trt_prefix}.weight"]
+                hf_weight = torch.cat([hf[f"{p}.weight"] for p in hf_prefixes])
+                quantized = trt_weight.dtype == FP8_DTYPE
+                if hf_weight.dtype != trt_weight.dtype or not torch.equal(
+                        hf_weight.view(torch.uint8) if quantized else hf_weight, trt_weight.view(torch.uint8)
+                        if quantized else trt_weight):
+                    mismatches.append(f"{hf_fp8_dir.name}: weights of {', '.join(hf_prefixes)} ({hf_weight.dtype}) "
+                                      f"differ from {trt_prefix}.weight ({trt_weight.dtype})")
+                for trt_scale, hf_scale in (HF_SCALES[quant_algo].items() if quantized else ()):
+                    want = checkpoint_tensors[f"{trt_prefix}.{trt_scale}"].reshape(-1)
+                    got = [hf[f"{prefix}.{hf_scale}"].reshape(-1) for prefix in hf_prefixes]
+                    # Per-tensor: each fused projection repeats the shared scale; per channel: rows concatenate.
+                    same = (torch.equal(torch.cat(got), want) if want.numel() > 1
+                            else all(torch.equal(scale, want) for scale in got))
+                    if not same:
+                        mismatches.append(f"{hf_fp8_dir.name}: {hf_scale} of {', '.join(hf_prefixes)} differs from "
+                                          f"{trt_prefix}.{trt_scale}")
             except KeyError as missing:
                 mismatches.append(f"{hf_fp8_dir.name}: tensor {missing} is missing")
     return mismatches
 
 
-def build_fp8(hf_dir: Path, out_dir: Path, calib_file: Path | None, calib_size: int, kv_cache_fp8: bool,
-              gate: GateThresholds, console: Console | None = None) -> Fp8Result:
-    """Calibrate, export, check and gate an FP8 build of the model in `hf_dir`; publish it as `out_dir`.
+def build_fp8(hf_dir: Path, out_dir: Path, calib_file: Path | None, calib_size: int, kv_cache_fp8: bool | None,
+              gate: GateThresholds, console: Console | None = None,
+              recipes: list[Fp8Recipe] | None = None) -> Fp8Result:
+    """Search the FP8 recipes (default: `select_recipes(kv_cache_fp8)`) for the model in `hf_dir`, in order; publish
+    the first whose checkpoint passes the gate as `out_dir`, with every attempt in its report.
 
     Raises BuildError (and publishes nothing) on bad calibration input, an unsupported model, an export inconsistent
-    with the source, or a gate miss; the rejected gate report is then kept as `<out_dir>.rejected-gate-report.json`.
+    with the source, or when no recipe passes; the report of all attempts is then kept as
+    `<out_dir>.rejected-gate-report.json`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     console = console or Console(stderr=True)
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     gate.validate()
+    recipes = list(recipes) if recipes is not None else select_recipes(kv_cache_fp8)
+    if not recipes:
+        raise BuildError(f"no FP8 recipe to try; allowed: {', '.join(RECIPE_NAMES)}")
     calibration = load_prompts(calib_file or DEFAULT_CALIBRATION_FILE, calib_size)
     heldout = load_prompts(HELDOUT_FILE)
     source_config = AutoConfig.from_pretrained(hf_dir)
@@ -202,47 +351,84 @@ def build_fp8(hf_dir: Path, out_dir: Path, calib_file: Path | None, calib_size: 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     calibration_ids = tokenize_prompts(tokenizer, calibration)
     heldout_ids = tokenize_prompts(tokenizer, heldout)
+    scan_ids = calibration_ids[:SCAN_PROMPTS]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    reference_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(device)
+    reference = score_sequences(lambda ids: reference_model(ids.to(device)).logits, heldout_ids)
+    scan_reference = score_sequences(lambda ids: reference_model(ids.to(device)).logits, scan_ids)
+    del reference_model
+    context = {"source": str(hf_dir), "reference": "source model, float32",
+               "calibration_file": str(calib_file or DEFAULT_CALIBRATION_FILE),
+               "calibration_prompts": len(calibration_ids), "heldout_file": str(HELDOUT_FILE)}
+
+    attempts = []
     with atomic_dir(out_dir) as staging:  # an earlier build in out_dir is replaced only by a whole new one
-        checkpoint_dir, hf_fp8_dir = staging / CHECKPOINT_DIR, staging / HF_FP8_DIR
-        started = time.perf_counter()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        console.print(f"FP8 calibration: {len(calibration_ids)} prompts from {calib_file or 'the default set'}"
-                      f"{' (KV cache too)' if kv_cache_fp8 else ''}")
-        with _modelopt_output(staging / MODELOPT_LOG):
-            model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval().to(device)
-            calibrate_fp8(model, calibration_ids, kv_cache_fp8)
-            export_checkpoints(model, checkpoint_dir, hf_fp8_dir, hf_dir)
-        del model
-        console.print(f"exported {checkpoint_dir.name}/ and {hf_fp8_dir.name}/ "
-                      f"in {time.perf_counter() - started:.0f} s")
-
-        checkpoint_config = read_checkpoint_config(checkpoint_dir)
-        tensors = load_file(checkpoint_dir / CHECKPOINT_WEIGHTS)
-        problems = config_mismatches(checkpoint_config, source_config, kv_cache_fp8)
-        problems += checkpoint_tensor_problems(checkpoint_config, tensors)
-        problems += hf_export_mismatches(hf_fp8_dir, tensors, source_config.num_hidden_layers)
-        if problems:
-            raise BuildError(f"the FP8 export of {hf_dir} is inconsistent with the source model, refused:\n  "
-                             + "\n  ".join(problems))
-
-        console.print(f"accuracy gate: {len(heldout_ids)} held-out prompts, FP8 rebuild vs the unquantized model")
-        reference_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(device)
-        reference = score_sequences(lambda ids: reference_model(ids.to(device)).logits, heldout_ids)
-        del reference_model
-        report = run_gate(CheckpointModel(checkpoint_dir, device=device), heldout_ids, reference, gate)
-        report.extra = {"source": str(hf_dir), "reference": "source model, float32",
-                        "calibration_file": str(calib_file or DEFAULT_CALIBRATION_FILE),
-                        "calibration_prompts": len(calibration_ids), "heldout_file": str(HELDOUT_FILE)}
-        console.print(report.table())
+        for recipe in recipes:
+            attempt_dir = staging / recipe.name
+            console.print(f"FP8 recipe {recipe.name}: calibration on {len(calibration_ids)} prompts from "
+                          f"{calib_file or 'the default set'}")
+            report, sensitivity = _attempt(recipe, hf_dir, attempt_dir, source_config, calibration_ids, scan_ids,
+                                           scan_reference, heldout_ids, reference, gate, device)
+            console.print(report.table())
+            attempts.append({"recipe": recipe.name, "passed": report.passed, "failures": report.failures,
+                             "top1_agreement": report.top1_agreement,
+                             "perplexity_increase": report.perplexity_increase, "quant_algo": report.quant_algo,
+                             "kv_cache_quant_algo": report.kv_cache_quant_algo,
+                             "exclude_modules": report.exclude_modules, "gate_seconds": round(report.seconds, 1),
+                             **({"sensitivity": sensitivity} if sensitivity else {})})
+            if report.passed:
+                break
+            shutil.rmtree(attempt_dir)
+        report.extra = {**context, "recipe": recipe.name, "search": attempts}
         if not report.passed:
-            rejected = report.write_json(out_dir.with_name(f"{out_dir.name}.rejected-gate-report.json"))
-            raise BuildError(f"FP8 build rejected by the accuracy gate ({'; '.join(report.failures)}); nothing was "
-                             f"published to {out_dir}. Report: {rejected}. Try production-like calibration prompts "
-                             f"(--calib), leave the KV cache unquantized, or keep this model in bf16.")
+            rejected = out_dir.with_name(f"{out_dir.name}.rejected-gate-report.json")
+            rejected.write_text(json.dumps({"passed": False, "thresholds": asdict(gate), **context,
+                                            "search": attempts}, indent=2) + "\n")
+            tried = "; ".join(f"{a['recipe']}: {a['top1_agreement']:.2%} / {a['perplexity_increase']:+.2%}"
+                              for a in attempts)
+            raise BuildError(f"no FP8 recipe passed the accuracy gate (top-1 agreement / perplexity increase: "
+                             f"{tried}); nothing was published to {out_dir}. Report: {rejected}. Try "
+                             f"production-like calibration prompts (--calib), or keep this model in bf16.")
+        for name in (CHECKPOINT_DIR, HF_FP8_DIR):
+            (attempt_dir / name).rename(staging / name)
+        (attempt_dir / MODELOPT_LOG).rename(staging / MODELOPT_LOG)
+        attempt_dir.rmdir()
+        report.checkpoint = str(out_dir / CHECKPOINT_DIR)
         report.write_json(staging / REPORT_FILE)
     return Fp8Result(out_dir=out_dir, checkpoint_dir=out_dir / CHECKPOINT_DIR, hf_fp8_dir=out_dir / HF_FP8_DIR,
                      report_path=out_dir / REPORT_FILE, report=report)
+
+
+def _attempt(recipe: Fp8Recipe, hf_dir: Path, attempt_dir: Path, source_config, calibration_ids, scan_ids,
+             scan_reference: TokenScores, heldout_ids, reference: TokenScores, gate: GateThresholds,
+             device: str) -> tuple[GateReport, dict | None]:
+    """Calibrate, (scan,) export, check and gate one recipe into attempt_dir. An export inconsistent with the source
+    raises BuildError: that is a broken export, not an accuracy miss for the search to step over."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint_dir, hf_fp8_dir = attempt_dir / CHECKPOINT_DIR, attempt_dir / HF_FP8_DIR
+    attempt_dir.mkdir()
+    sensitivity = None
+    with _modelopt_output(attempt_dir / MODELOPT_LOG):
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval().to(device)
+        calibrate_fp8(model, calibration_ids, recipe.kv_cache_fp8, recipe.quant_algo)
+        if recipe.keep_sensitive_layers:
+            sensitivity = keep_sensitive_layers(model, scan_ids, scan_reference, gate)
+        excluded = sensitivity["excluded_layers"] if sensitivity else []
+        export_checkpoints(model, checkpoint_dir, hf_fp8_dir, hf_dir, excluded)
+    del model
+
+    checkpoint_config = read_checkpoint_config(checkpoint_dir)
+    tensors = load_file(checkpoint_dir / CHECKPOINT_WEIGHTS)
+    problems = config_mismatches(checkpoint_config, source_config, expected_quantization(recipe, excluded))
+    problems += checkpoint_tensor_problems(checkpoint_config, tensors)
+    problems += hf_export_mismatches(hf_fp8_dir, tensors, source_config.num_hidden_layers, recipe.quant_algo)
+    if problems:
+        raise BuildError(f"the FP8 export ({recipe.name}) of {hf_dir} is inconsistent with the source model, "
+                         f"refused:\n  " + "\n  ".join(problems))
+    report = run_gate(CheckpointModel(checkpoint_dir, device=device), heldout_ids, reference, gate)
+    return report, sensitivity
 
 
 @contextlib.contextmanager

@@ -1,13 +1,17 @@
 """The FP8 accuracy gate: rebuild the model from an exported TensorRT-LLM checkpoint with real FP8 GEMMs and compare it
 with the unquantized model on held-out text.
 
-Every quantized linear layer runs as `torch._scaled_mm` on float8_e4m3fn operands with the checkpoint's per-tensor
-scales (exact FP8 products, fp32 accumulation): on CPU here, on tensor cores where CUDA is present. This module needs
+Every quantized linear layer runs as `torch._scaled_mm` on float8_e4m3fn operands (exact FP8 products, fp32
+accumulation): on CPU here, on tensor cores where CUDA is present. Two quantization algorithms of TensorRT-LLM are
+rebuilt: FP8 (one calibrated scale per weight and per activation tensor) and FP8_PER_CHANNEL_PER_TOKEN (a scale per
+weight row, activations scaled per token at run time). Linear layers the config's `exclude_modules` names stay in the
+checkpoint dtype. This module needs
 only torch, safetensors and rich, so the same check runs on a bare GPU machine (benchmarks/gpu_check.py).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import time
@@ -31,6 +35,13 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 # Linear layers of one decoder layer in TensorRT-LLM's naming. mlp.fc is HF gate_proj (the SiLU input), mlp.gate is
 # HF up_proj.
 LAYER_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
+PER_TENSOR = "FP8"
+PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
+QUANT_ALGOS = (PER_TENSOR, PER_CHANNEL_PER_TOKEN)  # quantization.quant_algo values the gate rebuilds
+# The scale tensors a quantized linear layer carries, per algorithm, and how many values each holds ("rows": one per
+# output channel).
+SCALE_TENSORS = {PER_TENSOR: {"weights_scaling_factor": 1, "activation_scaling_factor": 1},
+                 PER_CHANNEL_PER_TOKEN: {"per_channel_scale": "rows"}}
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -63,6 +74,25 @@ class Fp8Linear:
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+class Fp8RowwiseLinear:
+    """y = x W^T as one FP8 GEMM with a scale per weight row (calibrated) and per token (from the token's own max),
+    as TensorRT-LLM's FP8_PER_CHANNEL_PER_TOKEN runs it."""
+
+    def __init__(self, weight: torch.Tensor, per_channel_scale: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight  # [out, in] float8_e4m3fn
+        self.weight_scale = per_channel_scale.reshape(1, -1).float()
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        token_scale = (flat.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+        out = torch._scaled_mm(quantize_fp8(flat, token_scale), self.weight.t(), scale_a=token_scale,
+                               scale_b=self.weight_scale, out_dtype=x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class PlainLinear:
     """An unquantized linear layer (lm_head and anything the quantization config excluded)."""
 
@@ -74,7 +104,7 @@ class PlainLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-Linear = Fp8Linear | PlainLinear
+Linear = Fp8Linear | Fp8RowwiseLinear | PlainLinear
 
 
 @dataclass
@@ -99,37 +129,65 @@ def read_checkpoint_config(checkpoint_dir: Path) -> dict:
     return config
 
 
-def checkpoint_tensor_problems(config: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """What is wrong with the quantized tensors of a checkpoint: FP8 weights must be float8_e4m3fn, every scale one
-    positive finite fp32 number, and a quantized linear layer must carry both its scales."""
+def is_excluded(module: str, exclude_modules: list[str]) -> bool:
+    """Whether TensorRT-LLM leaves `module` unquantized: it matches the config's exclude_modules as fnmatch patterns."""
+    return any(fnmatch.fnmatchcase(module, pattern) for pattern in exclude_modules)
+
+
+def quantized_linears(config: dict) -> list[str]:
+    """The decoder's linear layers (TensorRT-LLM names) that the checkpoint's quantization config quantizes."""
     quant = config.get("quantization") or {}
+    if quant.get("quant_algo") not in QUANT_ALGOS:
+        return []
+    exclude = quant.get("exclude_modules") or []
+    return [name for layer in range(config["num_hidden_layers"]) for linear in LAYER_LINEARS
+            if not is_excluded(name := f"transformer.layers.{layer}.{linear}", exclude)]
+
+
+def checkpoint_tensor_problems(config: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What is wrong with the tensors of a checkpoint against its quantization config: a quantized linear layer must
+    hold a float8_e4m3fn weight and its algorithm's scales (positive finite fp32, one value or one per output row), a
+    layer exclude_modules names must be unquantized (no FP8 weight, no scales), and an FP8 KV cache needs its scales."""
+    quant = config.get("quantization") or {}
+    algo = quant.get("quant_algo")
+    quantized = set(quantized_linears(config))
     problems = []
-    if quant.get("quant_algo") == "FP8":
-        for layer in range(config["num_hidden_layers"]):
-            for linear in LAYER_LINEARS:
-                name = f"transformer.layers.{layer}.{linear}"
-                weight = tensors.get(f"{name}.weight")
-                if weight is None:
-                    problems.append(f"{name}.weight is missing")
-                elif weight.dtype != FP8_DTYPE:
+    for layer in range(config["num_hidden_layers"]):
+        for linear in LAYER_LINEARS:
+            name = f"transformer.layers.{layer}.{linear}"
+            weight = tensors.get(f"{name}.weight")
+            if weight is None:
+                problems.append(f"{name}.weight is missing")
+            elif name in quantized:
+                if weight.dtype != FP8_DTYPE:
                     problems.append(f"{name}.weight is {weight.dtype}, expected {FP8_DTYPE}")
-                for scale in ("weights_scaling_factor", "activation_scaling_factor"):
-                    problems += _scale_problems(f"{name}.{scale}", tensors.get(f"{name}.{scale}"))
+                for scale, count in SCALE_TENSORS[algo].items():
+                    rows = weight.shape[0] if count == "rows" else count
+                    problems += _scale_problems(f"{name}.{scale}", tensors.get(f"{name}.{scale}"), rows)
+            else:
+                if weight.dtype == FP8_DTYPE:
+                    problems.append(f"{name}.weight is {FP8_DTYPE} but the config does not quantize it "
+                                    f"(quant_algo {algo!r}, exclude_modules {quant.get('exclude_modules')})")
+                problems += [f"{name}.{scale} is present but the config does not quantize {name}"
+                             for scales in SCALE_TENSORS.values() for scale in scales if f"{name}.{scale}" in tensors]
+    lm_head = tensors.get("lm_head.weight")
+    if lm_head is not None and lm_head.dtype == FP8_DTYPE:
+        problems.append("lm_head.weight is FP8; the gate rebuilds an unquantized lm_head only (exclude_modules)")
     if quant.get("kv_cache_quant_algo") == "FP8":
         for layer in range(config["num_hidden_layers"]):
             name = f"transformer.layers.{layer}.attention.kv_cache_scaling_factor"
-            problems += _scale_problems(name, tensors.get(name))
+            problems += _scale_problems(name, tensors.get(name), 1)
     return problems
 
 
-def _scale_problems(name: str, scale: torch.Tensor | None) -> list[str]:
+def _scale_problems(name: str, scale: torch.Tensor | None, count: int) -> list[str]:
     if scale is None:
         return [f"{name} is missing"]
-    if scale.dtype != torch.float32 or scale.numel() != 1:
-        return [f"{name} is {scale.dtype} with {scale.numel()} values, expected one float32 (per-tensor scale)"]
-    value = scale.item()
-    if not (math.isfinite(value) and value > 0):
-        return [f"{name} = {value}, expected a positive finite number"]
+    if scale.dtype != torch.float32 or scale.numel() != count:
+        return [f"{name} is {scale.dtype} with {scale.numel()} values, expected {count} float32"]
+    bad = scale[~(torch.isfinite(scale) & (scale > 0))]
+    if bad.numel():
+        return [f"{name} = {bad[0].item()}, expected positive finite numbers"]
     return []
 
 
@@ -152,6 +210,8 @@ class CheckpointModel:
         quant = config.get("quantization") or {}
         self.quant_algo = quant.get("quant_algo")
         self.kv_cache_quant_algo = quant.get("kv_cache_quant_algo")
+        self.exclude_modules = list(quant.get("exclude_modules") or [])
+        quantized = set(quantized_linears(config))
 
         def plain(name: str) -> torch.Tensor:
             if name not in tensors:
@@ -160,11 +220,13 @@ class CheckpointModel:
 
         def linear(name: str) -> Linear:
             bias = plain(f"{name}.bias") if f"{name}.bias" in tensors else None
-            weight = tensors.get(f"{name}.weight")
-            if weight is not None and weight.dtype == FP8_DTYPE:
-                return Fp8Linear(weight.to(self.device), tensors[f"{name}.weights_scaling_factor"].to(self.device),
-                                 tensors[f"{name}.activation_scaling_factor"].to(self.device), bias)
-            return PlainLinear(plain(f"{name}.weight"), bias)
+            if name not in quantized:
+                return PlainLinear(plain(f"{name}.weight"), bias)
+            weight = tensors[f"{name}.weight"].to(self.device)
+            if self.quant_algo == PER_CHANNEL_PER_TOKEN:
+                return Fp8RowwiseLinear(weight, tensors[f"{name}.per_channel_scale"].to(self.device), bias)
+            return Fp8Linear(weight, tensors[f"{name}.weights_scaling_factor"].to(self.device),
+                             tensors[f"{name}.activation_scaling_factor"].to(self.device), bias)
 
         self.embedding = plain("transformer.vocab_embedding.weight")
         self.final_norm = plain("transformer.ln_f.weight")
@@ -232,10 +294,10 @@ def _check_supported(config: dict, where: Path) -> None:
     if "rotary_base" not in config:
         raise BuildError(f"{where / CHECKPOINT_CONFIG} has no rotary_base (the export dropped the model's rope_theta)")
     quant = config.get("quantization") or {}
-    for key in ("quant_algo", "kv_cache_quant_algo"):
-        if quant.get(key) not in (None, "FP8"):
+    for key, allowed in (("quant_algo", QUANT_ALGOS), ("kv_cache_quant_algo", ("FP8",))):
+        if quant.get(key) not in (None, *allowed):
             raise BuildError(f"{where / CHECKPOINT_CONFIG}: quantization.{key} = {quant.get(key)!r}; the gate "
-                             f"checks FP8 (or unquantized) checkpoints only")
+                             f"checks {' / '.join(allowed)} (or unquantized) checkpoints only")
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -322,6 +384,7 @@ class GateReport:
     checkpoint: str
     quant_algo: str | None
     kv_cache_quant_algo: str | None
+    exclude_modules: list[str]
     gemm: str
     compute_dtype: str
     seconds: float
@@ -351,12 +414,31 @@ class GateReport:
                       "", "")
         table.add_row("held-out sequences / tokens", f"{self.sequences} / {self.tokens}", "", "")
         table.add_row("quantization (GEMM / KV cache)", f"{self.quant_algo} / {self.kv_cache_quant_algo}", "", "")
+        table.add_row("unquantized (exclude_modules)", _short_list(self.exclude_modules), "", "")
         table.add_row("FP8 GEMMs", f"{self.gemm}, {self.compute_dtype}", "", "")
         return table
 
 
+def _short_list(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+
 def _mark(ok: bool) -> str:
     return "[green]ok[/]" if ok else "[bold red]x[/]"
+
+
+def compare_scores(scores: TokenScores, reference: TokenScores,
+                   thresholds: GateThresholds) -> tuple[float, float, list[str]]:
+    """The gate's measures of `scores` against the reference's: (greedy top-1 agreement, relative perplexity
+    increase, failures against the thresholds; empty when it passes)."""
+    agreement = torch.cat([a == b for a, b in zip(scores.top1, reference.top1)]).float().mean().item()
+    increase = scores.perplexity() / reference.perplexity() - 1.0
+    failures = []
+    if not agreement >= thresholds.min_top1_agreement:
+        failures.append(f"greedy top-1 agreement {agreement:.2%} < {thresholds.min_top1_agreement:.2%}")
+    if not increase <= thresholds.max_perplexity_increase:  # also catches NaN
+        failures.append(f"perplexity increase {increase:+.2%} > {thresholds.max_perplexity_increase:+.2%}")
+    return agreement, increase, failures
 
 
 def run_gate(model: CheckpointModel, sequences: Sequence[torch.Tensor], reference: TokenScores,
@@ -367,19 +449,13 @@ def run_gate(model: CheckpointModel, sequences: Sequence[torch.Tensor], referenc
         raise BuildError("the reference scores do not belong to these held-out sequences (counts or lengths differ)")
     started = time.perf_counter()
     scores = score_sequences(model.logits, sequences)
-    agreement = torch.cat([a == b for a, b in zip(scores.top1, reference.top1)]).float().mean().item()
+    agreement, increase, failures = compare_scores(scores, reference, thresholds)
     reference_ppl, fp8_ppl = reference.perplexity(), scores.perplexity()
-    increase = fp8_ppl / reference_ppl - 1.0
-    failures = []
-    if not agreement >= thresholds.min_top1_agreement:
-        failures.append(f"greedy top-1 agreement {agreement:.2%} < {thresholds.min_top1_agreement:.2%}")
-    if not increase <= thresholds.max_perplexity_increase:  # also catches NaN
-        failures.append(f"perplexity increase {increase:+.2%} > {thresholds.max_perplexity_increase:+.2%}")
     return GateReport(
         passed=not failures, failures=failures, top1_agreement=agreement, reference_perplexity=reference_ppl,
         fp8_perplexity=fp8_ppl, perplexity_increase=increase, sequences=len(sequences), tokens=scores.tokens,
         thresholds=thresholds, checkpoint=str(model.checkpoint_dir), quant_algo=model.quant_algo,
-        kv_cache_quant_algo=model.kv_cache_quant_algo,
+        kv_cache_quant_algo=model.kv_cache_quant_algo, exclude_modules=model.exclude_modules,
         gemm=f"torch._scaled_mm float8_e4m3fn on {_device_name(model.device)}",
         compute_dtype=str(model.compute_dtype).removeprefix("torch."), seconds=time.perf_counter() - started)
 

@@ -50,7 +50,9 @@ def trtllm_build_args(checkpoint_dir: Path, engine_dir: Path, settings: EngineSe
       rounded up to whole KV pages (prefill_chunk_tokens + max_batch_size). Prompts longer than that are prefilled
       in chunks, which needs paged context FMHA here and `enable_chunked_context` in the served model.
     - paged KV cache with paged context FMHA (also what KV cache reuse needs).
-    - FP8 checkpoints: the FP8 GEMM plugin; with an FP8 KV cache also FP8 context FMHA (it reads FP8 K/V).
+    - FP8 (per-tensor) checkpoints: the FP8 GEMM plugin; FP8_PER_CHANNEL_PER_TOKEN (rowwise) checkpoints leave the
+      GEMM choice to trtllm-build (its rowwise FP8 GEMMs come with that quant mode; not yet run on a GPU here). With
+      an FP8 KV cache also FP8 context FMHA (it reads FP8 K/V). Layers in exclude_modules stay bf16 either way.
     """
     settings.validate()
     max_num_tokens = _round_up(settings.prefill_chunk_tokens + settings.max_batch_size, TOKENS_PER_BLOCK)

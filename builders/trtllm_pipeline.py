@@ -31,7 +31,7 @@ class TrtllmBuildResult:
 
 
 def build_trtllm(model: str | Path | None, out_dir: Path | None, calib_file: Path | None, calib_size: int,
-                 kv_cache_fp8: bool, engine: EngineSettings, gate: GateThresholds = GateThresholds(),
+                 kv_cache_fp8: bool | None, engine: EngineSettings, gate: GateThresholds = GateThresholds(),
                  served_engine_dir: str | None = None, console: Console | None = None) -> TrtllmBuildResult:
     """`served_engine_dir`: the engine folder as tritonserver will see it (a container path); default: where it is
     built here."""
@@ -39,7 +39,8 @@ def build_trtllm(model: str | Path | None, out_dir: Path | None, calib_file: Pat
     hf_dir = prepare_hf_model(model, cache_dir(), progress=console.print)
     out_dir = Path(out_dir) if out_dir else cache_dir() / f"trtllm-{content_key(hf_dir)[:16]}"
     fp8 = build_fp8(hf_dir, out_dir / "fp8", calib_file, calib_size, kv_cache_fp8, gate, console)
-    console.print(f"[green]FP8 checkpoint passed the gate[/]: {fp8.checkpoint_dir} (report {fp8.report_path})")
+    console.print(f"[green]FP8 recipe {fp8.report.extra['recipe']} passed the gate[/]: {fp8.checkpoint_dir} "
+                  f"(report {fp8.report_path})")
     engine_dir = build_engine(fp8.checkpoint_dir, out_dir / "engine", engine)  # TensorRTLLMUnavailable stops here
     settings = RepositorySettings(tokenizer_dir=hf_dir, trtllm_engine_dir=served_engine_dir or str(engine_dir),
                                   engine=engine)

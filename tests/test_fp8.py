@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tritonllm.builders.errors import BuildError
-from tritonllm.builders.fp8 import (CHECKPOINT_DIR, HF_FP8_DIR, HELDOUT_FILE, REPORT_FILE, build_fp8, calibrate_fp8,
-                                    config_mismatches, export_checkpoints, hf_export_mismatches, load_prompts,
-                                    tokenize_prompts)
+from tritonllm.builders.fp8 import (CHECKPOINT_DIR, HF_FP8_DIR, HELDOUT_FILE, RECIPES, REPORT_FILE, build_fp8,
+                                    calibrate_fp8, config_mismatches, expected_quantization, export_checkpoints,
+                                    hf_export_mismatches, load_prompts, select_recipes, tokenize_prompts)
 from tritonllm.builders.fp8_verify import (FP8_DTYPE, CheckpointModel, Fp8Linear, GateThresholds,
                                            checkpoint_tensor_problems, run_gate, score_sequences)
 
@@ -122,13 +122,14 @@ def test_exported_config_is_checked_against_the_source(exported, tiny_llama_dir)
     source = AutoConfig.from_pretrained(tiny_llama_dir)
     config = json.loads((out / CHECKPOINT_DIR / "config.json").read_text())
     assert config["rotary_base"] == source.rope_theta == 100000.0
-    assert config_mismatches(config, source, kv_cache_fp8=True) == []
+    with_kv, without_kv = (expected_quantization(RECIPES[index], []) for index in (0, 1))
+    assert config_mismatches(config, source, with_kv) == []
 
-    assert config_mismatches(config, source, kv_cache_fp8=False) == [
+    assert config_mismatches(config, source, without_kv) == [
         "quantization.kv_cache_quant_algo = 'FP8', source model: None"]
     broken = {**config, "rotary_base": 10000.0, "num_key_value_heads": 4}
     del broken["norm_epsilon"]
-    assert config_mismatches(broken, source, kv_cache_fp8=True) == [
+    assert config_mismatches(broken, source, with_kv) == [
         "num_key_value_heads = 4, source model: 2",
         "norm_epsilon is missing (source: 1e-05)",
         "rotary_base = 10000.0, source model: 100000.0"]
@@ -216,13 +217,85 @@ def test_build_fp8_publishes_only_a_passing_build(tiny_llama_dir, tmp_path):
     assert (out / CHECKPOINT_DIR / "config.json").is_file() and (out / CHECKPOINT_DIR / "rank0.safetensors").is_file()
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["passed"] and report["kv_cache_quant_algo"] is None and report["extra"]["calibration_prompts"] == 8
+    # The search stops at the first recipe that passes (the cheapest without an FP8 KV cache) and says so.
+    assert report["extra"]["recipe"] == "fp8-per-tensor"
+    assert [a["recipe"] for a in report["extra"]["search"]] == ["fp8-per-tensor"]
+    assert report["checkpoint"] == str(out / CHECKPOINT_DIR)
 
     rejected_out = tmp_path / "fp8-strict"
     impossible = GateThresholds(min_top1_agreement=1.0, max_perplexity_increase=0.0)
-    with pytest.raises(BuildError, match="rejected by the accuracy gate"):
-        build_fp8(tiny_llama_dir, rejected_out, calib, 8, kv_cache_fp8=False, gate=impossible)
+    # Two recipes keep the test short; the rowwise one's structure is checked on its own below.
+    with pytest.raises(BuildError, match="no FP8 recipe passed the accuracy gate .*fp8-per-tensor: .*fp8-mixed: "):
+        build_fp8(tiny_llama_dir, rejected_out, calib, 8, kv_cache_fp8=False, gate=impossible,
+                  recipes=select_recipes(False, ["fp8-per-tensor", "fp8-mixed"]))
     assert not rejected_out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.jsonl", "fp8", "fp8-strict.rejected-gate-report.json"]
+    refused = json.loads((tmp_path / "fp8-strict.rejected-gate-report.json").read_text())
+    assert [a["recipe"] for a in refused["search"]] == ["fp8-per-tensor", "fp8-mixed"]
+    assert all(not a["passed"] and a["failures"] and 0 < a["top1_agreement"] <= 1 for a in refused["search"])
+    mixed = refused["search"][1]
+    assert [row["layer"] for row in mixed["sensitivity"]["scan"]] == [0, 1]
+    assert mixed["exclude_modules"] == expected_quantization(RECIPES[3], mixed["sensitivity"]["excluded_layers"])[
+        "exclude_modules"]
+
+
+def test_excluded_layers_stay_unquantized_and_configs_name_them_exactly(tiny_llama_dir, heldout_ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+    import modelopt.torch.quantization as mtq
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    calibrate_fp8(model, heldout_ids[:4], kv_cache_fp8=True)
+    mtq.disable_quantizer(model, lambda name: ".layers.1." in name and name.endswith(("weight_quantizer",
+                                                                                      "input_quantizer")))
+    export_checkpoints(model, tmp_path / CHECKPOINT_DIR, tmp_path / HF_FP8_DIR, tiny_llama_dir, excluded_layers=[1])
+    config = json.loads((tmp_path / CHECKPOINT_DIR / "config.json").read_text())
+    tensors = load_file(tmp_path / CHECKPOINT_DIR / "rank0.safetensors")
+    assert config["quantization"] == expected_quantization(RECIPES[2], [1]) == {
+        "quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
+        "exclude_modules": ["lm_head"] + [f"transformer.layers.1.{name}" for name in
+                                          ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")]}
+    assert checkpoint_tensor_problems(config, tensors) == []
+    assert hf_export_mismatches(tmp_path / HF_FP8_DIR, tensors, layers=2) == []
+    hf_quant = json.loads((tmp_path / HF_FP8_DIR / "hf_quant_config.json").read_text())["quantization"]
+    assert "model.layers.1.mlp.down_proj" in hf_quant["exclude_modules"]
+    for linear in ("attention.qkv", "mlp.proj"):
+        assert tensors[f"transformer.layers.0.{linear}.weight"].dtype == FP8_DTYPE
+        assert tensors[f"transformer.layers.1.{linear}.weight"].dtype == torch.bfloat16
+        assert f"transformer.layers.1.{linear}.weights_scaling_factor" not in tensors
+    assert tensors["transformer.layers.1.attention.kv_cache_scaling_factor"].item() > 0  # KV cache: every layer
+    rebuilt = CheckpointModel(tmp_path / CHECKPOINT_DIR)
+    assert type(rebuilt.layers[1].linears["mlp.proj"]).__name__ == "PlainLinear"
+    assert isinstance(rebuilt.layers[0].linears["mlp.proj"], Fp8Linear)
+
+    # A config that no longer excludes layer 1 does not match its bf16 weights: refused.
+    config["quantization"]["exclude_modules"] = ["lm_head"]
+    assert "transformer.layers.1.mlp.proj.weight is torch.bfloat16, expected torch.float8_e4m3fn" in \
+        checkpoint_tensor_problems(config, tensors)
+
+
+def test_rowwise_checkpoint_has_per_row_scales_and_matches_simulated_quantization(tiny_llama_dir, heldout_ids,
+                                                                                  tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    calibrate_fp8(model, heldout_ids[:4], kv_cache_fp8=False, quant_algo="FP8_PER_CHANNEL_PER_TOKEN")
+    with torch.no_grad():
+        simulated = model(heldout_ids[0].unsqueeze(0)).logits.float()
+    export_checkpoints(model, tmp_path / CHECKPOINT_DIR, tmp_path / HF_FP8_DIR, tiny_llama_dir)
+    config = json.loads((tmp_path / CHECKPOINT_DIR / "config.json").read_text())
+    tensors = load_file(tmp_path / CHECKPOINT_DIR / "rank0.safetensors")
+    assert config["quantization"] == expected_quantization(RECIPES[5], [])
+    assert checkpoint_tensor_problems(config, tensors) == []
+    assert hf_export_mismatches(tmp_path / HF_FP8_DIR, tensors, 2, "FP8_PER_CHANNEL_PER_TOKEN") == []
+    scale = tensors["transformer.layers.0.attention.qkv.per_channel_scale"]
+    assert scale.shape == (tensors["transformer.layers.0.attention.qkv.weight"].shape[0],) and (scale > 0).all()
+    assert "transformer.layers.0.attention.qkv.activation_scaling_factor" not in tensors  # per token, at run time
+    rebuilt = CheckpointModel(tmp_path / CHECKPOINT_DIR).logits(heldout_ids[0].unsqueeze(0))
+    assert (rebuilt.argmax(-1) == simulated.argmax(-1)).float().mean() > 0.95
+
+    tensors["transformer.layers.1.mlp.fc.per_channel_scale"][3] = 0.0
+    assert checkpoint_tensor_problems(config, tensors) == [
+        "transformer.layers.1.mlp.fc.per_channel_scale = 0.0, expected positive finite numbers"]
 
 
 @pytest.mark.parametrize("content, message", [

@@ -40,7 +40,7 @@ def _choices(name: str, *values: str) -> type[enum.Enum]:
 Engine = _choices("Engine", "onnxruntime", "trtllm")
 Precision = _choices("Precision", *PRECISIONS)  # what the ONNX Runtime engine serves
 Quant = _choices("Quant", "fp8")
-KvCacheDtype = _choices("KvCacheDtype", "fp8")
+KvCacheDtype = _choices("KvCacheDtype", "fp8", "bf16")
 Protocol = _choices("Protocol", "grpc", "http")
 Model = _choices("Model", "ensemble", "llm")
 GatewayTarget = _choices("GatewayTarget", *typing.get_args(GatewayModel))
@@ -89,7 +89,8 @@ def build(
     precision: Precision = typer.Option(Precision.fp32, help="ONNX engine precision"),
     engine: Engine = typer.Option(Engine.onnxruntime, help="onnxruntime (any machine) or trtllm (NVIDIA GPU)"),
     quant: Optional[Quant] = typer.Option(None, help="with --engine trtllm: fp8"),
-    kv_cache_dtype: Optional[KvCacheDtype] = typer.Option(None, help="with --quant fp8: fp8 quantizes the KV cache"),
+    kv_cache_dtype: Optional[KvCacheDtype] = typer.Option(
+        None, help="with --quant fp8: search only recipes with an fp8 (or bf16) KV cache; default: both"),
     calib: Optional[Path] = typer.Option(None, help="calibration prompts (JSONL with a 'prompt' or 'text' field)"),
     calib_size: int = typer.Option(128, help="calibration prompts to use"),
     max_batch_size: int = typer.Option(16, help="sequences decoded together per engine step"),
@@ -123,7 +124,8 @@ def build(
             try:
                 result = build_trtllm(
                     model=model, out_dir=out, calib_file=calib, calib_size=calib_size,
-                    kv_cache_fp8=kv_cache_dtype is KvCacheDtype.fp8, served_engine_dir=served_engine_dir,
+                    kv_cache_fp8=None if kv_cache_dtype is None else kv_cache_dtype is KvCacheDtype.fp8,
+                    served_engine_dir=served_engine_dir,
                     gate=GateThresholds(min_top1_agreement=gate_min_agreement,
                                         max_perplexity_increase=gate_max_perplexity_increase),
                     engine=EngineSettings(kind="tensorrt_llm", max_batch_size=max_batch_size,
