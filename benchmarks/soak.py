@@ -22,28 +22,16 @@ from pathlib import Path
 import requests
 
 from tritonllm.client.api import GenerationError, GenerationParams, LLMClient
-from tritonllm.server import TritonServer
+from tritonllm.server import TritonServer, live_group_members
 
 BAD_INPUTS = ({"max_tokens": 0}, {"temperature": -1.0}, {"top_p": 2.0}, {"cache": "sometimes"})
 
 
-def group_members(group: int) -> list[Path]:
-    """/proc folders of the processes in process group `group` (tritonserver leads its own: it and its stubs)."""
-    members = []
-    for status in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(status.read_text().rsplit(")", 1)[1].split()[2]) == group:
-                members.append(status.parent)
-        except (OSError, IndexError, ValueError):
-            continue
-    return members
-
-
 def group_rss_kib(group: int) -> int:
     total = 0
-    for member in group_members(group):
+    for pid in live_group_members(group):
         try:
-            total += int(next(line for line in (member / "status").read_text().splitlines()
+            total += int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                               if line.startswith("VmRSS:")).split()[1])
         except (OSError, StopIteration):
             continue
@@ -114,7 +102,7 @@ def main() -> None:
     finally:
         group = server.process.pid
         server.stop()
-    report["group_processes_left"] = len(group_members(group))
+    report["group_processes_left"] = len(live_group_members(group))
     print(json.dumps(report, indent=2))
 
 

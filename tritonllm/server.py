@@ -88,6 +88,20 @@ def _pytriton_installation() -> TritonInstallation:
     return TritonInstallation(binary, backend_dir, _existing(server_root / "caches"), env)
 
 
+def live_group_members(group: int) -> list[int]:
+    """Pids of the processes in process group `group` that still run (zombies waiting to be reaped excluded):
+    tritonserver leads its own group, so these are it and its stubs."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:
+            members.append(int(stat.parent.name))
+    return members
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
