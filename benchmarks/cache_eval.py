@@ -8,12 +8,13 @@
 
 Without --embedder-dir the bundled MiniLM is exported (and checked) into a temporary folder first.
 
-Verifier: `data/cache_pairs_{train,heldout}.jsonl` (make_cache_pairs.py) hold pairs of a cached prompt `a` and a new
-prompt `b`, label `hit` (serving a's answer is right) or `miss` (a near miss), with a category. A pair "hits" as in the
-cache: cosine(a, b) >= threshold and the verifier accepts it. Precision = right hits / all hits, recall = right hits /
-should-hit pairs, false-hit rate = 1 - precision. The threshold is chosen on the train split only (the lowest one
-within the error budget), then the held-out split and the independently written `data/paraphrases.jsonl` are
-reported at it, per category.
+Verifier: `builders/data/cache_pairs_calibration.jsonl` (the train split, shipped with the package: a build derives
+its threshold on it) and `data/cache_pairs_heldout.jsonl` (both from make_cache_pairs.py) hold pairs of a cached
+prompt `a` and a new prompt `b`, label `hit` (serving a's answer is right) or `miss` (a near miss), with a category.
+A pair "hits" as in the cache: cosine(a, b) >= threshold and the verifier accepts it. Precision = right hits / all
+hits, recall = right hits / should-hit pairs, false-hit rate = 1 - precision. The threshold is derived on the train
+split only (`builders/cache_calibration.py`, as a build derives it), then the held-out split and the independently
+written `data/paraphrases.jsonl` are reported at it, per category.
 """
 
 from __future__ import annotations
@@ -27,60 +28,29 @@ from pathlib import Path
 
 import numpy as np
 
+from tritonllm.builders.cache_calibration import calibrate, load_pairs, scored, served_at, threshold_table
+
 DATA = Path(__file__).resolve().parent / "data" / "paraphrases.jsonl"
-TRAIN = DATA.with_name("cache_pairs_train.jsonl")  # written by make_cache_pairs.py
-HELDOUT = DATA.with_name("cache_pairs_heldout.jsonl")
-THRESHOLDS = [round(0.50 + 0.01 * step, 2) for step in range(50)]
+HELDOUT = DATA.with_name("cache_pairs_heldout.jsonl")  # written by make_cache_pairs.py, like the calibration pairs
 
 
 def verifier_report(embedder, max_false_hit_rate: float) -> dict:
-    """Tune the threshold on the train split (the lowest cosine at and above which retrieval + verifier serve at most
-    `max_false_hit_rate` wrong hits among all hits), then report the held-out split at it, per category."""
-    train, heldout = load_pairs(TRAIN), load_pairs(HELDOUT)
-    tuned = scored(embedder, train)
-    rows = _rows(*tuned)
-    within = [row["threshold"] for row in rows if row["false_hit_rate"] <= max_false_hit_rate]
-    # the lowest threshold from which every higher one also stays within the budget
-    threshold = next((row["threshold"] for row in rows
-                      if all(higher in within for higher in THRESHOLDS if higher >= row["threshold"])), 1.0)
+    """Derive the threshold on the calibration (train) split as a build does, then report the held-out split and
+    paraphrases.jsonl at it, per category."""
+    calibration = calibrate(embedder, max_false_hit_rate)
+    threshold = calibration.similarity_threshold
     report = {"max_false_hit_rate": max_false_hit_rate, "threshold_from_train": threshold,
-              "train": _at(tuned, threshold), "train_table": rows}
-    for name, pairs in (("heldout", heldout), ("paraphrases_jsonl", load_pairs(DATA))):
+              "train": calibration.__dict__, "train_table": threshold_table(scored(embedder, load_pairs()))}
+    for name, pairs in (("heldout", load_pairs(HELDOUT)), ("paraphrases_jsonl", load_pairs(DATA))):
         cosine, should_hit, accepted = scored(embedder, pairs)
-        report[name] = _at((cosine, should_hit, accepted), threshold)
-        report[name]["cosine_only_at_threshold"] = _at((cosine, should_hit, np.ones_like(accepted)), threshold)
-        report[name]["by_kind"] = {kind: _at((cosine[chosen], should_hit[chosen], accepted[chosen]), threshold)
+        report[name] = served_at((cosine, should_hit, accepted), threshold)
+        report[name]["cosine_only_at_threshold"] = served_at((cosine, should_hit, np.ones_like(accepted)), threshold)
+        report[name]["by_kind"] = {kind: served_at((cosine[chosen], should_hit[chosen], accepted[chosen]), threshold)
                                    for kind in sorted({pair["kind"] for pair in pairs})
                                    for chosen in [np.array([pair["kind"] == kind for pair in pairs])]}
         report[name]["wrong_hit_pairs"] = [pair for pair, wrong in zip(pairs, (cosine >= threshold) & accepted & ~should_hit)
-                                      if wrong]
+                                           if wrong]
     return report
-
-
-def scored(embedder, pairs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per pair: cosine of the two prompts, whether it should hit, whether the verifier accepts it."""
-    from tritonllm.python_backends.cache_verifier import conflict
-
-    texts = sorted({pair["a"] for pair in pairs} | {pair["b"] for pair in pairs})
-    vectors = dict(zip(texts, embedder.embed(texts)))
-    cosine = np.array([float(vectors[pair["a"]] @ vectors[pair["b"]]) for pair in pairs])
-    should_hit = np.array([pair["label"] == "hit" for pair in pairs])
-    accepted = np.array([conflict(pair["a"], pair["b"]) is None for pair in pairs])
-    return cosine, should_hit, accepted
-
-
-def _at(scores: tuple[np.ndarray, np.ndarray, np.ndarray], threshold: float) -> dict:
-    cosine, should_hit, accepted = scores
-    served = (cosine >= threshold) & accepted
-    right, wrong = int((served & should_hit).sum()), int((served & ~should_hit).sum())
-    return {"pairs": len(cosine), "should_hit": int(should_hit.sum()), "right_hits": right, "wrong_hits": wrong,
-            "precision": round(right / (right + wrong), 4) if right + wrong else None,
-            "recall": round(right / int(should_hit.sum()), 4) if should_hit.any() else None,
-            "false_hit_rate": round(wrong / (right + wrong), 4) if right + wrong else 0.0}
-
-
-def _rows(cosine: np.ndarray, should_hit: np.ndarray, accepted: np.ndarray) -> list[dict]:
-    return [{"threshold": threshold, **_at((cosine, should_hit, accepted), threshold)} for threshold in THRESHOLDS]
 
 
 def index_latency(entries: int, with_hnsw: bool, queries: int = 1000, dimension: int = 384) -> dict:
@@ -136,7 +106,7 @@ def index_latency(entries: int, with_hnsw: bool, queries: int = 1000, dimension:
 def embedding_latency(embedder_dir: Path, repeats: int = 100) -> dict:
     from tritonllm.python_backends.embedding import Embedder
 
-    sentences = [pair["b"] for pair in load_pairs()][:8]
+    sentences = [pair["b"] for pair in load_pairs(DATA)][:8]
     results = {}
     for threads in (1, 2):
         embedder = Embedder(embedder_dir, intra_op_threads=threads)
@@ -183,10 +153,6 @@ the hits alone."""
                                                  ("hit_total", hit_totals)) if values
                             for q in ("p50", "p99")}}
     return results
-
-
-def load_pairs(path: Path = DATA) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:

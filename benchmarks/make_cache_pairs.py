@@ -1,6 +1,7 @@
 """Write the labelled prompt pairs of the semantic cache's verifier: a train split and a held-out split.
 
-    python benchmarks/make_cache_pairs.py      # writes benchmarks/data/cache_pairs_{train,heldout}.jsonl
+    python benchmarks/make_cache_pairs.py      # writes builders/data/cache_pairs_calibration.jsonl (train) and
+                                               # benchmarks/data/cache_pairs_heldout.jsonl
 
 Each pair is a cached prompt `a` and a new prompt `b`, label `hit` (serving a's answer for b is right) or `miss`,
 and a `kind`: `paraphrase` (hit) or one near-miss category: entity, number, datetime, negation, antonym, comparative,
@@ -17,6 +18,8 @@ import random
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data"
+# The train split ships with the package: builds derive the cache's threshold on it (builders/cache_calibration.py).
+CALIBRATION_PAIRS = Path(__file__).resolve().parent.parent / "builders" / "data" / "cache_pairs_calibration.jsonl"
 
 # Per split: questions with one {slot}; per slot kind, fillers (near misses swap a filler for another one).
 SPLITS = {
@@ -214,7 +217,7 @@ def pairs_of(split: dict, rng: random.Random) -> list[dict]:
 def main() -> None:
     for name, split in SPLITS.items():
         pairs = pairs_of(split, random.Random(f"cache-pairs-{name}"))
-        path = DATA / f"cache_pairs_{name}.jsonl"
+        path = CALIBRATION_PAIRS if name == "train" else DATA / f"cache_pairs_{name}.jsonl"
         path.write_text("".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs), encoding="utf-8")
         print(f"{path}: {len(pairs)} pairs")
 

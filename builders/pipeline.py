@@ -29,6 +29,7 @@ from typing import Any
 
 from tritonllm.paths import TEMPLATES_DIR, bundled_embedder, cache_dir
 
+from .cache_calibration import Calibration, resolve_threshold
 from .errors import BuildError
 from .files import atomic_dir, link_tree
 from .onnx_graph import GRAPH_PRECISIONS, write_decoder
@@ -68,6 +69,8 @@ class BuildResult:
     repository_dir: Path
     cached: bool  # True when the whole build was found complete and nothing ran
     key: str
+    # the semantic cache's derived cosine floor (None: no cache, or the operator set the floor)
+    cache_calibration: dict | None = None
 
 
 def build(model: str | Path | None = None, out_dir: Path | None = None, precision: str = "fp32",
@@ -108,6 +111,10 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
         if embedder_dir is None and cache.enabled:
             with step("sentence embedder (semantic cache)"):
                 embedder_dir = _embedder_artifact(root)
+        calibration = None
+        if embedder_dir is not None and cache.enabled:
+            with step(f"cache threshold for a false-hit budget of {cache.max_false_hit_rate}"):
+                cache, calibration = resolve_threshold(cache, embedder_dir)
         settings = RepositorySettings(tokenizer_dir=hf_dir, onnx_dir=None, embedder_dir=embedder_dir,
                                       engine=engine, cache=cache, **repository_overrides)
         build_key = _hash(_export_key(source_key, precision), _settings_fingerprint(settings),
@@ -122,7 +129,7 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
         with step(f"ONNX graph + gate ({precision})") as note:
             decoder_dir = _decoder_artifact(hf_dir, source_key, precision, root, note)
         with step("Triton model repository"):
-            result = _assemble(layout, hf_dir, decoder_dir, embedder_dir, settings, build_key)
+            result = _assemble(layout, hf_dir, decoder_dir, embedder_dir, settings, build_key, calibration)
     return result
 
 
@@ -138,7 +145,8 @@ class _Layout:
         self.build_file = out_dir / BUILD_FILE
 
     def result(self, key: str, cached: bool) -> BuildResult:
-        return BuildResult(self.out_dir, self.hf, self.onnx, self.repository, cached, key)
+        calibration = json.loads(self.build_file.read_text()).get("cache_calibration")  # the build report's
+        return BuildResult(self.out_dir, self.hf, self.onnx, self.repository, cached, key, calibration)
 
 
 def _finished_build(layout: _Layout, key: str) -> BuildResult | None:
@@ -156,7 +164,7 @@ def _finished_build(layout: _Layout, key: str) -> BuildResult | None:
 
 
 def _assemble(layout: _Layout, hf_dir: Path, decoder_dir: Path, embedder_dir: Path | None,
-              settings: RepositorySettings, key: str) -> BuildResult:
+              settings: RepositorySettings, key: str, calibration: Calibration | None) -> BuildResult:
     """Write the build folder under a temporary name (artifacts hard-linked), render, then swap it into place."""
     from .repository import render_repository
 
@@ -171,6 +179,7 @@ def _assemble(layout: _Layout, hf_dir: Path, decoder_dir: Path, embedder_dir: Pa
         record = {"key": key, "precision": settings.engine.precision, "source": str(hf_dir),
                   "decoder_artifact": str(decoder_dir), "embedder_artifact": str(embedder_dir or ""),
                   "settings": json.loads(_settings_fingerprint(settings)),
+                  "cache_calibration": asdict(calibration) if calibration else None,
                   "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         staged.build_file.write_text(json.dumps(record, indent=2) + "\n")
     return layout.result(key, cached=False)

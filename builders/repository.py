@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import string
 from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -17,6 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonllm.paths import TEMPLATES_DIR
 
+from .cache_calibration import resolve_threshold
 from .files import atomic_dir, link_or_copy, link_tree
 from .lint import CONFIG_FILE, Finding, format_findings, lint_model_configs, lint_repository, parse_config_text
 from .model_config import (EMBEDDER_FOLDER, ENGINE, ENSEMBLE, LLM, ONNX_FOLDER, POSTPROCESSING, PREPROCESSING,
@@ -50,6 +52,8 @@ def render_repository(settings: RepositorySettings, out_dir: Path, templates_dir
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     models = models_to_render(settings, templates_dir)
+    if LLM in models:  # the cosine floor the front model is rendered with: the operator's, or derived from the budget
+        settings = replace(settings, cache=resolve_threshold(settings.cache, Path(settings.embedder_dir))[0])
     texts = {model: _fill_template(templates_dir / model / TEMPLATE_FILE, template_values(model, settings))
              for model in models}
     configs, findings = {}, []

@@ -24,6 +24,9 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+
+LEXICON_FILE = Path(__file__).resolve().parent / "data" / "wordnet_lexicon.tsv"
 
 # Request framing: dropped wherever it appears ("Could you please tell me ...", "..., thanks").
 _FRAMING = [
@@ -169,13 +172,51 @@ def conflict(cached_prompt: str, prompt: str) -> str | None:
     if cached.question != new.question and cached.question and new.question:  # "formula of water?" asks "what"
         return f"asks another question ({' '.join(cached.question) or '-'} vs {' '.join(new.question) or '-'})"
     if cached.content != new.content:
-        only_cached = sorted(set(cached.content) - set(new.content))
-        only_new = sorted(set(new.content) - set(cached.content))
-        if only_cached or only_new or sorted(cached.content) != sorted(new.content):
+        new_content = _as_synonyms_of(new.content, cached.content)
+        only_cached = sorted(set(cached.content) - set(new_content))
+        only_new = sorted(set(new_content) - set(cached.content))
+        if only_cached or only_new or sorted(cached.content) != sorted(new_content):
             return f"unmatched content words ({' '.join(only_cached) or '-'} vs {' '.join(only_new) or '-'})"
-        if cached.relational or new.relational:
+        if (cached.relational or new.relational) and cached.content != new_content:
             return "same content words in another order"
     return None
+
+
+def _as_synonyms_of(content: tuple[str, ...], reference: tuple[str, ...]) -> tuple[str, ...]:
+    """`content` with each word that `reference` lacks replaced by a WordNet synonym of it that `reference` holds
+    unmatched (one for one, in order), so "fix my bike" reads as "repair my bike" against the latter."""
+    unmatched = [word for word in reference if word not in content]
+    if not unmatched:
+        return content
+    replaced = []
+    for word in content:
+        if word not in reference:
+            synonym = next((other for other in unmatched if _synonyms(word, other)), None)
+            if synonym is not None:
+                unmatched.remove(synonym)
+                word = synonym
+        replaced.append(word)
+    return tuple(replaced)
+
+
+def _synonyms(first: str, second: str) -> bool:
+    """Whether two (stemmed) content words share one of their common WordNet senses and are no antonyms."""
+    lexicon = _lexicon()
+    entries = [entry for word in (first, first + "e") if (entry := lexicon.get(word))]
+    seconds = {second, second + "e"}  # the stem drops a final e: "restored" -> "restor"
+    return (any(seconds & synonyms for synonyms, _ in entries)
+            and not any(seconds & antonyms for _, antonyms in entries))
+
+
+@lru_cache(maxsize=1)
+def _lexicon() -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    """word -> (synonyms, antonyms), from WordNet 3.0 (benchmarks/make_wordnet_lexicon.py writes the file)."""
+    entries = {}
+    for line in LEXICON_FILE.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            word, synonyms, antonyms = line.split("\t")
+            entries[word] = (frozenset(synonyms.split()), frozenset(antonyms.split()))
+    return entries
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:

@@ -19,6 +19,8 @@ import requests
 from onnx import TensorProto, helper
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from tritonllm.contract import CacheSettings
+
 TINY_VOCAB = 49152  # vocabulary of export_tiny_llama's model
 
 # Accents, CJK, Korean, emoji (multi-codepoint ones too), leading/trailing/multiple spaces, newlines, tabs, code.
@@ -67,6 +69,11 @@ SENTENCEPIECE_DECODERS = {
 def random_id_sequences(vocab_size: int, count: int, seed: int, max_length: int = 12) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab_size) for _ in range(rng.randrange(1, max_length))] for _ in range(count)]
+
+
+# make_artifacts' embedder is a bare ONNX graph that cannot embed text, so no cosine floor can be derived with it:
+# repositories rendered from those artifacts fix the floor.
+FIXED_FLOOR = CacheSettings(similarity_threshold=0.5)
 
 
 def make_artifacts(root: Path) -> dict[str, Path]:

@@ -40,6 +40,10 @@ PARAPHRASES = [
     ("What is the difference between TCP and UDP?", "What's the difference between UDP and TCP?"),
     ("How do I center a div in CSS?", "Centering a div in CSS, how?"),
     ("How many grams are in 2 pounds?", "How many grams in 2 lbs?"),
+    # WordNet synonyms (a common sense of both words)
+    ("How do I fix my bike?", "How do I repair my bike?"),
+    ("How do I buy a car?", "How can I purchase a car?"),
+    ("What is a big city?", "What is a large city?"),
 ]
 
 

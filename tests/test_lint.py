@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from support import make_artifacts
+from support import FIXED_FLOOR, make_artifacts
 from tritonllm.builders.lint import Finding, format_findings, lint_model_configs, lint_repository
 from tritonllm.builders.repository import render_repository
 from tritonllm.contract import CALLED_MODEL_PARAMETER, CacheSettings, EngineSettings, RepositorySettings
@@ -19,7 +19,7 @@ from tritonllm.contract import CALLED_MODEL_PARAMETER, CacheSettings, EngineSett
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rendered")
-    settings = RepositorySettings(**make_artifacts(root / "build"))
+    settings = RepositorySettings(**make_artifacts(root / "build"), cache=FIXED_FLOOR)
     return render_repository(settings, root / "repository")
 
 

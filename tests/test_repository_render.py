@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 import pytest
 from google.protobuf import text_format
-from support import make_artifacts
+from support import FIXED_FLOOR, make_artifacts
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonllm.builders.lint import lint_repository
@@ -47,7 +47,7 @@ def artifacts(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_rendered_repository_parses_lints_clean_and_holds_the_artifacts(artifacts, tmp_path):
-    settings = RepositorySettings(**artifacts)
+    settings = RepositorySettings(**artifacts, cache=FIXED_FLOOR)
     repository = render_repository(settings, tmp_path / "repository")
 
     expected = {PREPROCESSING, ENGINE, POSTPROCESSING, ENSEMBLE} | (
@@ -106,7 +106,7 @@ def test_parameters_read_back_into_the_same_settings(artifacts, tmp_path):
 
 
 def test_ensemble_keeps_the_tensorrtllm_backend_contract_and_mapping(artifacts, tmp_path):
-    repository = render_repository(RepositorySettings(**artifacts), tmp_path / "repository")
+    repository = render_repository(RepositorySettings(**artifacts, cache=FIXED_FLOOR), tmp_path / "repository")
     ensemble = load_config(repository, ENSEMBLE)
 
     assert (contract(ensemble.input), contract(ensemble.output)) == (ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS)
@@ -210,8 +210,8 @@ def test_bad_settings_are_refused_before_anything_is_written(artifacts, tmp_path
 
 def test_rendering_again_replaces_the_previous_repository(artifacts, tmp_path):
     out = tmp_path / "repository"
-    render_repository(RepositorySettings(**artifacts), out)
-    render_repository(RepositorySettings(**artifacts, max_request_batch_size=8), out)
+    render_repository(RepositorySettings(**artifacts, cache=FIXED_FLOOR), out)
+    render_repository(RepositorySettings(**artifacts, cache=FIXED_FLOOR, max_request_batch_size=8), out)
 
     assert load_config(out, ENSEMBLE).max_batch_size == 8
     assert load_config(out, ENGINE).max_batch_size == 8
@@ -223,7 +223,7 @@ def test_a_folder_that_is_not_a_repository_is_never_replaced(artifacts, tmp_path
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a model repository"):
-        render_repository(RepositorySettings(**artifacts), out)
+        render_repository(RepositorySettings(**artifacts, cache=FIXED_FLOOR), out)
     assert (out / "notes.txt").read_text() == "keep me"
 
 
@@ -237,7 +237,8 @@ def test_template_and_values_must_agree(artifacts, tmp_path):
     engine_template.write_text(engine_template.read_text() + 'parameters { key: "x" value { string_value: "${x}" } }\n')
 
     with pytest.raises(RepositoryRenderError, match=r"placeholders without a value: \['x'\]"):
-        render_repository(RepositorySettings(**artifacts), tmp_path / "repository", templates_dir=templates)
+        render_repository(RepositorySettings(**artifacts, cache=FIXED_FLOOR), tmp_path / "repository",
+                          templates_dir=templates)
     assert not (tmp_path / "repository").exists()
 
 
@@ -248,7 +249,8 @@ def test_missing_adapter_fails_the_render(artifacts, tmp_path):
         (templates / model / "config.pbtxt.template").write_text(
             (TEMPLATES_DIR / model / "config.pbtxt.template").read_text())
     with pytest.raises(RepositoryRenderError, match="model.py") as raised:
-        render_repository(RepositorySettings(**artifacts), tmp_path / "repository", templates_dir=templates)
+        render_repository(RepositorySettings(**artifacts, cache=FIXED_FLOOR), tmp_path / "repository",
+                          templates_dir=templates)
     assert {finding.file for finding in raised.value.findings} == {
         f"{model}/1/model.py" for model in (PREPROCESSING, ENGINE, POSTPROCESSING)}
     assert not (tmp_path / "repository").exists()

@@ -116,6 +116,12 @@ def build(
             result = build_onnx(model=model, out_dir=out, precision=precision.value, console=console,
                                 engine=EngineSettings(precision=precision.value, max_batch_size=max_batch_size,
                                                       kv_cache_max_tokens=kv_cache_max_tokens))
+            calibration = result.cache_calibration  # from the build report
+            if calibration:
+                console.print(f"[green]semantic cache:[/] similarity_threshold {calibration['similarity_threshold']} "
+                              f"derived for max_false_hit_rate {calibration['max_false_hit_rate']} on "
+                              f"{calibration['pairs']} calibration pairs (precision {calibration['precision']}, "
+                              f"recall {calibration['recall']})")
         else:
             from tritonllm.builders.fp8_verify import GateThresholds
             from tritonllm.builders.trtllm import TensorRTLLMUnavailable

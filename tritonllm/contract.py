@@ -213,9 +213,12 @@ class CacheSettings:
     """Semantic cache in the front model."""
 
     enabled: bool = True
-    # Cosine floor of the candidates the verifier sees: the lowest with a false-hit rate <= 0.01 on the train split
-    # (`python benchmarks/cache_eval.py verifier`); the verifier, not the cosine, keeps near misses out.
-    similarity_threshold: float = 0.5
+    # Cosine floor of the candidates the verifier sees. 0 (default): derived when the repository is rendered, as the
+    # lowest floor whose false-hit rate stays <= `max_false_hit_rate` on the calibration pairs
+    # (builders/cache_calibration.py); a value > 0 is the operator's and wins over the budget (they measured their
+    # own traffic). The verifier, not the cosine, keeps near misses out.
+    similarity_threshold: float = 0.0
+    max_false_hit_rate: float = 0.01  # the operator's error budget: wrong answers among cache hits
     ttl_seconds: float = 3600.0
     max_entries: int = 100_000
     max_answer_bytes: int = 65536
@@ -228,8 +231,9 @@ class CacheSettings:
     redis_url: str = ""
 
     def validate(self) -> None:
-        _check(0.0 < self.similarity_threshold <= 1.0, "cache.similarity_threshold", self.similarity_threshold,
-               "(0, 1]")
+        _check(0.0 <= self.similarity_threshold <= 1.0, "cache.similarity_threshold", self.similarity_threshold,
+               "[0, 1] (0: derive from max_false_hit_rate)")
+        _check(0.0 < self.max_false_hit_rate < 1.0, "cache.max_false_hit_rate", self.max_false_hit_rate, "(0, 1)")
         _check(self.ttl_seconds > 0, "cache.ttl_seconds", self.ttl_seconds, "> 0")
         _check(1 <= self.max_entries <= 10_000_000, "cache.max_entries", self.max_entries, "1..10000000")
         _check(1 <= self.max_answer_bytes <= 16 * 1024 * 1024, "cache.max_answer_bytes", self.max_answer_bytes,
