@@ -8,6 +8,7 @@ reaper.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.server  # tritonservers on a tiny random model: no Smol
 TRITONLLM = Path(sys.executable).parent / "tritonllm"
 WAYS = ("SIGTERM", "SIGINT", "SIGHUP", "closed-pipe", "SIGKILL")
 STUBS = 3  # the Python models of the tiny repository: preprocessing, engine, postprocessing
+ADMIN_KEY = "lifecycle-test-admin-key"
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,8 @@ def served(tiny_repository, tmp_path_factory):
             process = subprocess.Popen(
                 [str(TRITONLLM), "serve", "--repository", str(tiny_repository), "--http-port", str(http_port),
                  "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(logs / f"{way}.err", "wb"))
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(logs / f"{way}.err", "wb"),
+                env=os.environ | {"TRITONLLM_ADMIN_KEY": ADMIN_KEY})
             started[way] = Served(process, http_port)
         deadline = time.monotonic() + 240
         for way, one in started.items():
@@ -110,6 +113,13 @@ def served(tiny_repository, tmp_path_factory):
             if one.server_pid:
                 reaper.kill_group(one.server_pid)
                 reaper.remove_regions(one.regions)
+
+
+def test_serve_closes_the_control_plane_to_all_but_the_admin_key(served):
+    """Before the servers are ended below: `serve` passed $TRITONLLM_ADMIN_KEY to tritonserver's restrictions."""
+    url = f"http://127.0.0.1:{served['SIGTERM'].http_port}/v2/logging"
+    assert requests.post(url, json={}, timeout=30).status_code == 403
+    assert requests.post(url, json={}, headers={"tritonllm-admin-key": ADMIN_KEY}, timeout=30).status_code == 200
 
 
 def _end(one: Served, way: str) -> int:

@@ -31,6 +31,8 @@ console = Console(stderr=True)
 
 DEFAULT_PROMPT = "Explain in two sentences what an inference server does."
 USAGE_ERROR = 2  # a bad option: nothing ran
+ADMIN_KEY_HELP = ("key that unlocks Triton's model control, shared-memory, logging and trace APIs (header "
+                  "tritonllm-admin-key); default: $TRITONLLM_ADMIN_KEY, else a random key (closed)")
 FAILED = 1  # the work failed
 
 
@@ -194,17 +196,24 @@ def _say(message: str) -> None:
 
 def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port: int, metrics_port: int,
                 precision: Precision, demo_prompt: Optional[str], gateway_port: Optional[int] = None,
-                api_keys: Optional[Path] = None) -> None:
+                api_keys: Optional[Path] = None, admin_key: Optional[str] = None) -> None:
     from tritonllm.builders.errors import BuildError
     from tritonllm.client.deployment import bundled_build
-    from tritonllm.server import ServerError, TritonServer
+    from tritonllm.server import ADMIN_HEADER, ADMIN_KEY_ENVIRONMENT, ServerError, TritonServer, admin_key_or_default
 
+    key_source = ("the admin key given" if admin_key or os.environ.get(ADMIN_KEY_ENVIRONMENT)
+                  else f"a random key (none given: --admin-key or ${ADMIN_KEY_ENVIRONMENT})")
+    try:
+        admin_key = admin_key_or_default(admin_key)
+    except ServerError as error:
+        _fail(str(error), USAGE_ERROR)
     if repository is None:
         try:
             repository = bundled_build(precision.value, console).repository_dir
         except (BuildError, FileNotFoundError) as error:
             _fail(str(error))
-    server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          admin_key=admin_key)
     stop = _StopSignals()
     openai_gateway = None
     try:
@@ -222,6 +231,7 @@ def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port
                       f"/v2/models/ensemble/generate_stream)\n  gRPC    {ep.grpc_url}\n  metrics {ep.metrics_url}\n"
                       + (f"  OpenAI  {openai_gateway.url}/v1  (metrics {openai_gateway.url}/metrics)\n"
                          if openai_gateway else "")
+                      + f"  control {', '.join(server.restricted_apis)}: header {ADMIN_HEADER} with {key_source}\n"
                       + f"  log     {server.log_file}\nCtrl-C stops it.")
         if demo_prompt:
             # On a thread, so that the main thread keeps waiting on the stop signals while the answer streams.
@@ -300,9 +310,11 @@ def serve(
     gateway_port: Optional[int] = typer.Option(None, help="also serve the OpenAI-compatible gateway on this port"),
     api_keys: Optional[Path] = typer.Option(None, help="gateway API keys (JSON, hashed; see `tritonllm api-key`); "
                                                        "default: $TRITONLLM_API_KEYS, else no keys"),
+    admin_key: Optional[str] = typer.Option(None, help=ADMIN_KEY_HELP),
 ) -> None:
     """Start tritonserver on a repository (and the OpenAI gateway with --gateway-port); serve until Ctrl-C/SIGTERM."""
-    _run_server(repository, host, http_port, grpc_port, metrics_port, precision, None, gateway_port, api_keys)
+    _run_server(repository, host, http_port, grpc_port, metrics_port, precision, None, gateway_port, api_keys,
+                admin_key)
 
 
 @app.command()
@@ -362,9 +374,10 @@ def demo(
     http_port: int = typer.Option(8000),
     grpc_port: int = typer.Option(8001),
     metrics_port: int = typer.Option(8002),
+    admin_key: Optional[str] = typer.Option(None, help=ADMIN_KEY_HELP),
 ) -> None:
     """Main job: build the bundled model (cached), serve it, stream one chat answer, keep serving until Ctrl-C."""
-    _run_server(None, host, http_port, grpc_port, metrics_port, Precision.fp32, prompt)
+    _run_server(None, host, http_port, grpc_port, metrics_port, Precision.fp32, prompt, admin_key=admin_key)
 
 
 @app.command()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,6 +37,17 @@ EXIT_TIMEOUT_SECONDS = 10
 # How long the reaper lets tritonserver drain and unload (finalize) after the launcher died, before it kills the group.
 REAPER_GRACE_SECONDS = EXIT_TIMEOUT_SECONDS + 30
 PR_SET_PDEATHSIG = 1  # prctl(2)
+
+# Triton APIs only a client that sends the admin key may call (tritonserver's --http-restricted-api and
+# --grpc-restricted-protocol): model control and the repository index, the shared-memory registry (without this any
+# client could register a Python stub's own IPC region as an I/O region), log settings and tracing. Inference,
+# health, metadata, model configuration and statistics stay open: they change nothing, and perf_analyzer and
+# genai-perf read configuration and statistics.
+RESTRICTED_APIS: tuple[str, ...] = ("model-repository", "shared-memory", "logging", "trace")
+ADMIN_HEADER = "tritonllm-admin-key"  # HTTP header; over gRPC Triton expects it as metadata with this prefix:
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"
+ADMIN_KEY_ENVIRONMENT = "TRITONLLM_ADMIN_KEY"
+_ADMIN_KEY = re.compile(r"[A-Za-z0-9._~+/-]{16,256}")  # what survives Triton's `<apis>:<key>=<value>` parsing
 
 
 class ServerError(RuntimeError):
@@ -120,6 +133,15 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_signal
 
 
+def admin_key_or_default(key: str | None) -> str:
+    """`key`, else $TRITONLLM_ADMIN_KEY, else a random key; ServerError when it is not a usable key."""
+    key = key or os.environ.get(ADMIN_KEY_ENVIRONMENT) or secrets.token_urlsafe(32)
+    if not _ADMIN_KEY.fullmatch(key):
+        raise ServerError(f"the admin key (--admin-key or ${ADMIN_KEY_ENVIRONMENT}) is not allowed; allowed: 16 to "
+                          "256 characters of A-Z a-z 0-9 . _ ~ + / -")
+    return key
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -151,8 +173,13 @@ class TritonServer:
 
     def __init__(self, repository: Path, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
                  metrics_port: int = 0, log_file: Path | None = None, response_cache_bytes: int = 0,
-                 log_verbose: int = 0, extra_args: list[str] | None = None) -> None:
+                 log_verbose: int = 0, extra_args: list[str] | None = None, admin_key: str | None = None,
+                 restricted_apis: tuple[str, ...] = RESTRICTED_APIS) -> None:
+        """`admin_key` (default: $TRITONLLM_ADMIN_KEY, else a random key for this run, kept in this object only)
+        unlocks `restricted_apis`; `admin_headers()` are the headers a client sends with it."""
         self.repository = Path(repository).resolve()
+        self.admin_key = admin_key_or_default(admin_key)
+        self.restricted_apis = tuple(restricted_apis)
         self.endpoints = Endpoints(host, http_port or free_port(host), grpc_port or free_port(host),
                                    metrics_port or free_port(host))
         self.log_file = Path(log_file) if log_file else cache_dir() / "logs" / f"tritonserver-{os.getpid()}.log"
@@ -174,10 +201,18 @@ class TritonServer:
                 "--allow-metrics=true", "--exit-on-error=true", "--strict-readiness=true",
                 f"--exit-timeout-secs={EXIT_TIMEOUT_SECONDS}",
                 f"--log-verbose={self.log_verbose}"]
+        if self.restricted_apis:
+            restricted = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
+            args += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         if self.response_cache_bytes and installation.cache_plugin_dir:
             args += [f"--cache-config=local,size={self.response_cache_bytes}",
                      f"--cache-directory={installation.cache_plugin_dir}"]
         return args + self.extra_args
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """Headers (HTTP) or metadata (gRPC, tritonclient's `headers=`) that unlock the restricted APIs."""
+        name = ADMIN_HEADER if protocol == "http" else GRPC_RESTRICTED_PREFIX + ADMIN_HEADER
+        return {name: self.admin_key}
 
     def start(self, timeout: float = 180.0, stop: threading.Event | None = None) -> "TritonServer":
         """Start tritonserver and wait until it is ready, or until `stop` is set (then the caller stops it)."""
