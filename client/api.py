@@ -18,7 +18,7 @@ from typing import Iterator, Literal
 import numpy as np
 import requests
 
-from tritonllm.contract import FRONT_INPUTS
+from tritonllm.contract import FRONT_INPUTS, INT32_MAX, UINT64_MAX
 
 Protocol = Literal["grpc", "http"]
 
@@ -96,8 +96,23 @@ class StreamCancel:
                 self._responses.put(self._SIGNAL)
 
 
+# Integers each wire type holds: a larger one would wrap (numpy's cast here, Triton's JSON conversion over HTTP) into
+# another, possibly allowed, value; the client refuses it instead. Which values are allowed is the server's to say.
+_WIRE_LIMITS = {"INT32": (-INT32_MAX - 1, INT32_MAX), "UINT64": (0, UINT64_MAX)}
+
+
+def _check_fits(params: GenerationParams) -> None:
+    for name, value in asdict(params).items():
+        limits = _WIRE_LIMITS.get(_INPUT_TYPES[name][0])
+        if limits is not None and isinstance(value, int) and not limits[0] <= value <= limits[1]:
+            raise ValueError(f"{name} = {value} does not fit the input's {_INPUT_TYPES[name][0]} "
+                             f"({limits[0]}..{limits[1]})")
+
+
 def request_arrays(prompt: str | bytes, params: GenerationParams, stream: bool) -> dict[str, tuple[str, np.ndarray]]:
-    """Input name -> (datatype, array with the batch dim of 1) for the ensemble contract."""
+    """Input name -> (datatype, array with the batch dim of 1) for the ensemble contract; ValueError for an integer
+    its input's data type cannot hold."""
+    _check_fits(params)
     text = prompt.encode() if isinstance(prompt, str) else prompt
     arrays = {name: (_INPUT_TYPES[name][0], np.array([[value]], dtype=_INPUT_TYPES[name][1]))
               for name, value in (("text_input", text), ("stream", stream))}
@@ -216,6 +231,7 @@ def _event_from_arrays(as_numpy) -> StreamEvent:
 
 def _http_body(prompt: str | bytes, params: GenerationParams, stream: bool) -> dict[str, object]:
     """JSON body of Triton's generate extension: input name -> scalar, or a list for BYTES [-1] inputs."""
+    _check_fits(params)
     if isinstance(prompt, bytes):
         prompt = prompt.decode("utf-8")  # JSON carries text only; send raw bytes over gRPC
     body: dict[str, object] = {"text_input": prompt, "stream": stream}

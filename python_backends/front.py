@@ -8,8 +8,14 @@ Per request: parse the inputs (the ensemble contract + optional `tenant` and `ca
 An answer is stored only when the ensemble finished without error and the client did not cancel; it is stored before
 the final response goes out, so a client that repeats the prompt right after the answer completes gets a hit.
 
+Every numeric input is range-checked first (tritonllm.contract.INPUT_RANGES) and an empty prompt is refused, so a
+request the ensemble would refuse is not answered from the cache either. The bounds that need the model (its
+vocabulary for top_k, end_id and pad_id; max_tokens within the context) are checked by the ensemble, which a hit never
+reaches: those inputs are in the cache key, so an entry is only served to a request with values the ensemble took.
+
 The cache key holds every input that changes the text: max_tokens, temperature, top_p, top_k, seed, min_tokens,
-end_id, stop/bad words, apply_chat_template, the guided_* constraint, and whether the prompt is echoed in the output. The echo is derived
+end_id, stop/bad words, apply_chat_template, the guided_* constraint, and whether the prompt is echoed in the output;
+and pad_id when given (it does not change the text, but only the ensemble checks it). The echo is derived
 rather than keyed on `exclude_input_in_output`: a streamed answer never repeats the prompt (engine contract), so a
 streamed request and a non-streamed one with `exclude_input_in_output` share one answer, byte for byte.
 
@@ -30,9 +36,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from tritonllm import contract
-from tritonllm.contract import (CACHE_MODES, CACHE_REDIS_URL_ENVIRONMENT, CALLED_MODEL_PARAMETER,
-                                FORWARDED_INPUTS_PARAMETER, CacheSettings, required_parameter,
-                                settings_from_parameters)
+from tritonllm.contract import (CACHE_MODES, CACHE_REDIS_URL_ENVIRONMENT, CALLED_MODEL_PARAMETER, EMPTY_PROMPT,
+                                FORWARDED_INPUTS_PARAMETER, INPUT_RANGES, CacheSettings, input_problem,
+                                required_parameter, settings_from_parameters)
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.sampling import SamplingParams
 from tritonllm.python_backends.semantic_cache import Autosaver, CacheKey, CacheStats, SemanticCache, SnapshotLoad
@@ -93,15 +99,22 @@ class Front:
                 raise InvalidArgument(f"input {name} must have batch size 1 (one prompt per request to llm), got "
                                       f"shape {list(array.shape)}")
         prompt = _text(arrays, "text_input", "")
+        if not prompt:
+            raise InvalidArgument(EMPTY_PROMPT)
+        for name in INPUT_RANGES:
+            problem = input_problem(name, _scalar(arrays, name))
+            if problem:
+                raise InvalidArgument(problem)
         mode = _text(arrays, "cache", "use")
         if mode not in CACHE_MODES:
             raise InvalidArgument(f"input cache must be one of {', '.join(CACHE_MODES)}; got {mode!r}")
         values = {name: _scalar(arrays, name) for name in SCALAR_KEY_INPUTS}
         stream = bool(_scalar(arrays, "stream") or False)
         prompt_in_output = not stream and not _scalar(arrays, "exclude_input_in_output")
+        pad_id = _scalar(arrays, "pad_id")  # keyed only when sent: entries stored without it stay valid
         params = (*values.items(), *((name, _words(arrays, name)) for name in WORDS_KEY_INPUTS),
                   *((name, _text(arrays, name, None)) for name in contract.GUIDED_INPUTS),
-                  ("prompt_in_output", prompt_in_output))
+                  ("prompt_in_output", prompt_in_output), *((("pad_id", pad_id),) if pad_id is not None else ()))
         greedy = SamplingParams.from_optional(temperature=values["temperature"], top_k=values["top_k"],
                                               top_p=values["top_p"]).greedy
         key = CacheKey(_text(arrays, "tenant", ""), self.model, params, sampled=not greedy and values["seed"] is None)

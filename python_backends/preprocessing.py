@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
+from tritonllm.contract import EMPTY_PROMPT, input_problem
 from tritonllm.python_backends.chat import encode_user_turn
 from tritonllm.python_backends.errors import InvalidArgument
 
@@ -92,7 +93,7 @@ class Preprocessor:
     ) -> PreparedRequest:
         """Validate and tokenize one request; `max_tokens=None` means the rest of the context."""
         if len(query) == 0:
-            raise InvalidArgument("text_input is empty; send a non-empty UTF-8 prompt")
+            raise InvalidArgument(EMPTY_PROMPT)
         prompt_ids = self._encode_prompt(_decode_utf8(query, "text_input"), apply_chat_template)
         context = self.max_context_length
         if len(prompt_ids) >= context:
@@ -104,8 +105,8 @@ class Preprocessor:
             max_tokens = room
         elif not 1 <= max_tokens <= room:
             raise InvalidArgument(
-                f"max_tokens must be 1..{room} for this prompt ({len(prompt_ids)} prompt tokens, context {context}), "
-                f"got {max_tokens}")
+                f"max_tokens = {max_tokens} is not allowed; allowed: 1..{room} for this prompt ({len(prompt_ids)} "
+                f"prompt tokens, context {context})")
         return PreparedRequest(
             input_ids=np.asarray(prompt_ids, dtype=np.int32),
             request_output_len=max_tokens,
@@ -135,8 +136,9 @@ class Preprocessor:
     def _token_id(self, value: int | None, default: int, name: str) -> int:
         if value is None:
             return default
-        if not 0 <= value < self.vocab_size:
-            raise InvalidArgument(f"{name} must be a token id 0..{self.vocab_size - 1}, got {value}")
+        problem = input_problem(name, value, self.vocab_size)
+        if problem:
+            raise InvalidArgument(problem)
         return value
 
 

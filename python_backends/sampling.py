@@ -6,15 +6,14 @@ from each sequence's own random generator, so a seeded request gives the same to
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from tritonllm.contract import input_problem
 from tritonllm.python_backends.errors import InvalidArgument
 
-UINT64_LIMIT = 2**64
 # Top-p first looks at this many most likely tokens; only when they hold less than top_p of the mass does it sort the
 # whole vocabulary (a full argsort of 49k float64 costs milliseconds per row).
 TOP_P_PRESELECT = 1024
@@ -59,15 +58,12 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     def validate(self, vocab_size: int) -> None:
-        """Raise InvalidArgument naming the first input out of its allowed range."""
-        _require(math.isfinite(self.temperature) and self.temperature >= 0.0, "temperature", self.temperature,
-                 "a finite value >= 0 (0 = greedy)")
-        _require(0 <= self.top_k <= vocab_size, "top_k", self.top_k, f"0 (off) .. vocabulary size {vocab_size}")
-        _require(math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p, "0 < top_p <= 1")
-        _require(self.seed is None or 0 <= self.seed < UINT64_LIMIT, "seed", self.seed, "0 .. 2**64-1")
-        _require(self.min_tokens >= 0, "min_tokens", self.min_tokens, ">= 0")
-        _require(self.end_id is None or 0 <= self.end_id < vocab_size, "end_id", self.end_id,
-                 f"a token id in 0..{vocab_size - 1}")
+        """Raise InvalidArgument naming the first input out of its allowed range (tritonllm.contract.INPUT_RANGES,
+        with this engine's vocabulary)."""
+        for name in ("temperature", "top_k", "top_p", "seed", "min_tokens", "end_id"):
+            problem = input_problem(name, getattr(self, name), vocab_size)
+            if problem:
+                raise InvalidArgument(problem)
         for name, words in (("stop_words", self.stop_words), ("bad_words", self.bad_words)):
             for word in words:
                 _require(len(word) > 0 and all(0 <= i < vocab_size for i in word), name, list(word),

@@ -17,6 +17,9 @@ from tritonllm.client.api import GenerationError, GenerationParams, LLMClient, r
 
 pytestmark = [pytest.mark.server, pytest.mark.model]
 
+MODELS = ("ensemble", "llm")
+VOCAB = 49152  # SmolLM2's vocabulary
+
 
 def raw_grpc(server, arrays: dict[str, tuple[str, np.ndarray]], model: str = "ensemble") -> GenerationError | None:
     """Send hand-made tensors; return the error the server answered with (None if it answered normally)."""
@@ -48,15 +51,15 @@ def assert_server_still_answers(server) -> None:
     assert text
 
 
-def expect_invalid(server, arrays, *fragments: str, http: bool = True) -> None:
+def expect_invalid(server, arrays, *fragments: str, http: bool = True, model: str = "ensemble") -> None:
     """gRPC stream: the message names the input; HTTP (when JSON can carry the request): status 400, same message."""
-    error = raw_grpc(server, arrays)
+    error = raw_grpc(server, arrays, model)
     assert error is not None, "the server accepted a bad request"
     for fragment in fragments:
         assert fragment in error.message, (fragment, error.message)
     body = http_body(arrays) if http else None
     if body is not None:
-        reply = requests.post(f"http://{server.endpoints.http_url}/v2/models/ensemble/generate_stream", json=body)
+        reply = requests.post(f"http://{server.endpoints.http_url}/v2/models/{model}/generate_stream", json=body)
         assert reply.status_code == 400, reply.text
         for fragment in fragments:
             assert fragment in reply.text, (fragment, reply.text)
@@ -87,8 +90,9 @@ def test_missing_text_input(server):
     expect_invalid(server, arrays, "text_input")
 
 
-def test_empty_prompt(server):
-    expect_invalid(server, good(""), "text_input", "empty")
+@pytest.mark.parametrize("model", MODELS)
+def test_empty_prompt(server, model):
+    expect_invalid(server, good(""), "input text_input must not be empty", model=model)
 
 
 def test_prompt_longer_than_context(server):
@@ -130,7 +134,7 @@ def test_preprocessing_answers_invalid_argument_code(server):
     with pytest.raises(InferenceServerException) as raised:
         client.infer("preprocessing", tensors)
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "text_input is empty" in raised.value.message()
+    assert "input text_input must not be empty" in raised.value.message()
 
 
 def test_http_bad_input_is_reported(server):
@@ -151,3 +155,57 @@ def test_bad_request_does_not_harm_concurrent_good_ones(server):
         bad = pool.submit(raw_grpc, server, good(top_k=-5))
         assert "top_k" in bad.result().message
         assert all(f.result() for f in goods)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("name,value", [("pad_id", VOCAB), ("end_id", VOCAB), ("end_id", -1), ("top_k", VOCAB + 1),
+                                        ("min_tokens", -1)])
+def test_token_ids_and_counts_outside_the_vocabulary_or_range(server, model, name, value):
+    expect_invalid(server, good(**{name: value}), f"{name} = {value} is not allowed", model=model)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("params", [{"pad_id": VOCAB}, {"end_id": VOCAB}, {"top_k": -1}, {"top_p": 1.5},
+                                    {"max_tokens": 0}])
+def test_llm_refuses_what_the_ensemble_refuses_even_when_the_answer_is_cached(server, protocol, params):
+    """A cache hit never reaches the ensemble: the front itself must refuse, or not serve the entry."""
+    client = LLMClient(server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url, protocol,
+                       model="llm")
+    prompt = "Name one fruit, in a single word."
+    for _ in range(2):  # the second is answered from the cache
+        events = list(client.events(prompt, GenerationParams(max_tokens=4), stream=False))
+    assert events[-1].cache_hit
+    with pytest.raises(GenerationError) as raised:
+        client.generate(prompt, GenerationParams(**{"max_tokens": 4, **params}))
+    assert f"{next(iter(params))} = " in raised.value.message
+    if protocol == "http":
+        assert raised.value.status == "400"
+
+
+def test_llm_does_not_serve_an_empty_prompt_the_answer_of_a_blank_one(server):
+    client = LLMClient(server.endpoints.grpc_url, model="llm")
+    client.generate(" ", GenerationParams(max_tokens=2))
+    with pytest.raises(GenerationError, match="input text_input must not be empty"):
+        client.generate("", GenerationParams(max_tokens=2))
+
+
+# Triton 2.51's HTTP front drops the high bits of a JSON integer sent for an INT32 input. A value that lands out of
+# range is refused; one that lands in range (2**32 + 1 -> 1) cannot be told from a real 1 inside the server: the
+# clients in front of Triton (the OpenAI gateway, LLMClient) refuse it before sending (tritonllm/contract.py).
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("name,value,arrives", [("max_tokens", 2**32, 0), ("top_k", 2**31, -2**31),
+                                                ("min_tokens", 2**32 - 1, -1), ("end_id", 2**31 + 5, -2**31 + 5)])
+def test_http_integers_that_wrap_out_of_range_are_refused(server, model, name, value, arrives):
+    body = {"text_input": "Hello", "max_tokens": 4, name: value}
+    reply = requests.post(f"http://{server.endpoints.http_url}/v2/models/{model}/generate_stream", json=body)
+    assert reply.status_code == 400, reply.text
+    assert f"{name} = {arrives} is not allowed" in reply.text
+    assert_server_still_answers(server)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("params", [{"max_tokens": 2**32 + 4}, {"top_k": 2**32 + 1}, {"seed": -1}, {"seed": 2**64}])
+def test_the_client_refuses_integers_its_wire_type_would_wrap(server, protocol, params):
+    client = LLMClient(server.endpoints.grpc_url if protocol == "grpc" else server.endpoints.http_url, protocol)
+    with pytest.raises(ValueError, match=f"{next(iter(params))} = .* does not fit"):
+        client.generate("Hello", GenerationParams(**{"max_tokens": 4, **params}))

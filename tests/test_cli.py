@@ -69,6 +69,7 @@ def test_build_command_rejects_unknown_engine():
 
 @pytest.mark.parametrize("args, names", [
     (("serve", "--precision", "bf16"), ("--precision", "'bf16'", "fp32, int8")),
+    (("serve", "--admin-key", "short"), ("--admin-key", "16 to 256 characters")),
     (("build", "--precision", "fp16"), ("--precision", "'fp16'", "fp32, int8")),
     (("build", "--engine", "trtllm"), ("--quant", "fp8")),
     (("build", "--quant", "fp8"), ("--quant", "--engine onnxruntime")),

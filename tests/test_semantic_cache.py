@@ -113,7 +113,9 @@ def test_streamed_and_non_echoing_requests_share_an_answer_but_an_echoing_one_do
     assert streamed == key(stream=True, exclude_input_in_output=False)
     assert streamed.partition == key(stream=False, exclude_input_in_output=True).partition
     assert streamed.partition != key(stream=False).partition  # echoes the prompt: other text
-    assert key(pad_id=0).partition == key().partition  # padding does not change the text
+    # padding does not change the text, yet a sent pad_id is keyed: only the ensemble knows the vocabulary, so an
+    # entry must be served only to a pad_id it took (test_pad_id_is_keyed_when_sent_...)
+    assert key(pad_id=0).partition != key().partition
 
 
 def test_sampled_answers_are_cached_only_when_configured_or_seeded(embedder):
@@ -404,10 +406,26 @@ def test_bypass_neither_reads_nor_writes_and_refresh_replaces(embedder):
     ({"max_tokens": np.array([[4]], dtype=np.int32)}, "input text_input is required"),
     ({"text_input": np.array([[b"hi"]], dtype=object)}, "input max_tokens is required"),
     ({**inputs(), "text_input": np.array([[b"a"], [b"b"]], dtype=object)}, "batch size 1"),
+    # refused before the cache is asked, so a request the ensemble would refuse never gets a cached answer
+    (inputs(""), "input text_input must not be empty"),
+    (inputs(max_tokens=0), r"max_tokens = 0 is not allowed; allowed: 1\.\.2147483647"),
+    (inputs(max_tokens=-2**31), "max_tokens = -2147483648 is not allowed"),  # 2**31 wrapped by Triton's HTTP
+    (inputs(top_k=-1), "top_k = -1 is not allowed"),
+    (inputs(top_p=0.0), "top_p = 0.0 is not allowed; allowed: 0 < top_p <= 1"),
+    (inputs(temperature=float("nan")), "temperature = nan is not allowed"),
+    (inputs(temperature=float("inf")), "temperature = inf is not allowed"),
+    (inputs(min_tokens=-1), "min_tokens = -1 is not allowed"),
+    (inputs(end_id=-1), "end_id = -1 is not allowed"),
+    (inputs(pad_id=-5), "pad_id = -5 is not allowed"),
 ])
 def test_bad_requests_are_refused_naming_the_input(arrays, message):
     with pytest.raises(InvalidArgument, match=message):
         FRONT.parse(arrays)
+
+
+def test_pad_id_is_keyed_when_sent_so_only_values_the_ensemble_took_are_served():
+    assert key() == key() and key(pad_id=2) == key(pad_id=2)
+    assert key(pad_id=2) != key() and key(pad_id=2) != key(pad_id=49152)
 
 
 @pytest.mark.parametrize("answer", [b"", b"one", b"  leading and trailing  ", b"word " * 50,

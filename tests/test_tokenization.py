@@ -141,14 +141,14 @@ def test_max_tokens_defaults_to_the_rest_of_the_context(preprocessor):
 
 
 @pytest.mark.parametrize(("kwargs", "fragments"), [
-    ({"query": b""}, ["text_input is empty"]),
+    ({"query": b""}, ["input text_input must not be empty"]),
     ({"query": b"ab\xffcd"}, ["text_input must be UTF-8", "0xff at offset 2"]),
     ({"query": "é".encode()[:1] + b"x"}, ["offset 0"]),
     ({"query": b"word" * 200}, ["prompt is {long} tokens; the model context is 64 tokens", "at most 63"]),
-    ({"max_tokens": 0}, ["max_tokens must be 1..{room} for this prompt", "got 0"]),
-    ({"max_tokens": 1000}, ["max_tokens must be 1..{room}"]),
-    ({"end_id": 49152}, ["end_id must be a token id 0..49151"]),
-    ({"pad_id": -1}, ["pad_id must be a token id 0..49151"]),
+    ({"max_tokens": 0}, ["max_tokens = 0 is not allowed; allowed: 1..{room} for this prompt"]),
+    ({"max_tokens": 1000}, ["max_tokens = 1000 is not allowed; allowed: 1..{room}"]),
+    ({"end_id": 49152}, ["end_id = 49152 is not allowed", "a token id in 0..49151"]),
+    ({"pad_id": -1}, ["pad_id = -1 is not allowed", "a token id in 0..49151"]),
     ({"stop_words": [b"ok", b"\xc3"]}, ["stop_words must be UTF-8", "offset 0"]),
 ])
 def test_bad_requests_name_the_input_and_the_allowed_range(preprocessor, kwargs, fragments):

@@ -9,8 +9,11 @@ exits with 2; a failure of the work itself prints one line and exits with 1.
 from __future__ import annotations
 
 import enum
+import os
 import re
+import select
 import signal
+import stat
 import sys
 import threading
 import typing
@@ -29,6 +32,8 @@ console = Console(stderr=True)
 
 DEFAULT_PROMPT = "Explain in two sentences what an inference server does."
 USAGE_ERROR = 2  # a bad option: nothing ran
+ADMIN_KEY_HELP = ("key that unlocks Triton's model control, shared-memory, logging and trace APIs (header "
+                  "tritonllm-admin-key); default: $TRITONLLM_ADMIN_KEY, else a random key (closed)")
 FAILED = 1  # the work failed
 
 
@@ -147,65 +152,146 @@ def build(
     print(result.repository_dir)
 
 
+class _StopSignals:
+    """SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) all stop the command the same orderly way: the
+    handler only sets `event`; the main thread, which waits on it (tritonserver's loading too), then runs the
+    clean-up, which no further signal can cut short. SIGPIPE stays ignored (Python's default): a client socket that
+    breaks in a server thread raises it too; a closed stdout/stderr is noticed by `_output_closed` or as
+    BrokenPipeError instead."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        for signum in self.SIGNALS:
+            signal.signal(signum, lambda *_: self.event.set())
+
+    def wait(self, seconds: float) -> bool:
+        return self.event.wait(seconds)
+
+
+def _output_closed() -> bool:
+    """Whether stdout or stderr is a pipe whose reader went away (`tritonllm demo | head -1` once head exits):
+    Linux reports POLLERR on the write end of a pipe nobody reads."""
+    for fd in (1, 2):
+        try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                continue
+        except OSError:
+            continue
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+            return True
+    return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null once its pipe broke, so the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _say(message: str) -> None:
+    """A status line on stderr that never fails the clean-up (stderr may be a closed pipe by then)."""
+    try:
+        console.print(message, markup=False, highlight=False)
+    except (OSError, ValueError):
+        pass
+
+
 def _run_server(repository: Optional[Path], host: str, http_port: int, grpc_port: int, metrics_port: int,
                 precision: Precision, demo_prompt: Optional[str], gateway_port: Optional[int] = None,
-                api_keys: Optional[Path] = None, health_port: Optional[int] = None, supervise: bool = True) -> None:
+                api_keys: Optional[Path] = None, admin_key: Optional[str] = None, health_port: Optional[int] = None,
+                supervise: bool = True) -> None:
     from tritonllm.builders.errors import BuildError
     from tritonllm.client.deployment import bundled_build
-    from tritonllm.server import ServerError, TritonServer
+    from tritonllm.server import ADMIN_HEADER, ADMIN_KEY_ENVIRONMENT, ServerError, TritonServer, admin_key_or_default
 
+    key_source = ("the admin key given" if admin_key or os.environ.get(ADMIN_KEY_ENVIRONMENT)
+                  else f"a random key (none given: --admin-key or ${ADMIN_KEY_ENVIRONMENT})")
+    try:
+        admin_key = admin_key_or_default(admin_key)
+    except ServerError as error:
+        _fail(str(error), USAGE_ERROR)
     if repository is None:
         try:
             repository = bundled_build(precision.value, console).repository_dir
         except (BuildError, FileNotFoundError) as error:
             _fail(str(error))
-    server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          admin_key=admin_key)
+    stop = _StopSignals()
+    openai_gateway = supervisor = health_server = None
     try:
-        with console.status("starting tritonserver ..."):
-            server.start()
-    except ServerError as error:
-        _fail(str(error))
-    ep = server.endpoints
-    supervisor, health_server = _start_supervision(server, host, health_port) if supervise else (None, None)
-    openai_gateway = None
-    if gateway_port is not None:
-        openai_gateway = _start_gateway(server, repository, host, gateway_port, api_keys)
-    console.print(f"[green]serving[/] {repository}\n  HTTP    http://{ep.http_url}  (generate_stream: "
-                  f"/v2/models/ensemble/generate_stream)\n  gRPC    {ep.grpc_url}\n  metrics {ep.metrics_url}\n"
-                  + (f"  OpenAI  {openai_gateway.url}/v1  (metrics {openai_gateway.url}/metrics)\n"
-                     if openai_gateway else "")
-                  + (f"  health  {health_server.url}/health/ready, /health/live\n" if health_server else "")
-                  + f"  log     {server.log_file}\nCtrl-C stops it.")
-    try:
+        try:
+            with console.status("starting tritonserver ..."):
+                server.start(stop=stop.event)
+        except ServerError as error:
+            _fail(str(error))
+        if stop.event.is_set():
+            return
+        ep = server.endpoints
+        if supervise:
+            supervisor, health_server = _start_supervision(server, host, health_port)
+        if gateway_port is not None:
+            openai_gateway = _start_gateway(server, repository, host, gateway_port, api_keys)
+        console.print(f"[green]serving[/] {repository}\n  HTTP    http://{ep.http_url}  (generate_stream: "
+                      f"/v2/models/ensemble/generate_stream)\n  gRPC    {ep.grpc_url}\n  metrics {ep.metrics_url}\n"
+                      + (f"  OpenAI  {openai_gateway.url}/v1  (metrics {openai_gateway.url}/metrics)\n"
+                         if openai_gateway else "")
+                      + f"  control {', '.join(server.restricted_apis)}: header {ADMIN_HEADER} with {key_source}\n"
+                      + (f"  health  {health_server.url}/health/ready, /health/live\n" if health_server else "")
+                      + f"  log     {server.log_file}\nCtrl-C stops it.")
         if demo_prompt:
-            from tritonllm.client.api import GenerationParams, LLMClient
-
-            console.print(f"[bold]>>> {demo_prompt}[/]")
-            for piece in LLMClient(ep.grpc_url).stream(demo_prompt, GenerationParams(max_tokens=128,
-                                                                                       apply_chat_template=True)):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-        while not stop.wait(0.5):
+            # On a thread, so that the main thread keeps waiting on the stop signals while the answer streams.
+            threading.Thread(target=_stream_demo, args=(ep.grpc_url, demo_prompt, stop.event), daemon=True).start()
+        while not stop.wait(0.5) and not _output_closed():
             if supervisor is not None and not supervisor.health().live:
                 _fail(f"tritonserver did not come back after restarts ({supervisor.health().detail}); "
                       f"log: {server.log_file}")
             if supervisor is None and not server.is_running():
                 console.print(server.log_tail(), markup=False, highlight=False)
                 _fail(f"tritonserver stopped unexpectedly; log: {server.log_file}")
-    except KeyboardInterrupt:
+    except BrokenPipeError:  # stderr was a pipe and its reader went away: stop as on SIGPIPE
         pass
     finally:
-        if openai_gateway is not None:
-            openai_gateway.stop()
-        if supervisor is not None:
-            supervisor.stop()
-        if health_server is not None:
-            health_server.stop()
-        console.print("stopping tritonserver ...")
-        server.stop()
+        try:
+            if openai_gateway is not None:
+                openai_gateway.stop()
+            if supervisor is not None:
+                supervisor.stop()  # before the server stops: it would restart it
+            if health_server is not None:
+                health_server.stop()
+            _say("stopping tritonserver ...")
+        finally:
+            server.stop()
+            if _output_closed():
+                _silence_stdout()
+
+
+def _stream_demo(grpc_url: str, prompt: str, stop: threading.Event) -> None:
+    """The demo's one chat answer on stdout; a closed stdout (`tritonllm demo | head -1`) stops the command."""
+    from tritonllm.client.api import GenerationParams, LLMClient
+
+    try:
+        console.print(f"[bold]>>> {prompt}[/]")
+        for piece in LLMClient(grpc_url).stream(prompt, GenerationParams(max_tokens=128, apply_chat_template=True)):
+            if stop.is_set():
+                return
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        stop.set()
+    except Exception as error:  # the server keeps serving; say why the demo answer stopped
+        _say(f"demo request failed: {error}")
 
 
 def _start_supervision(server, host: str, health_port: Optional[int]):
@@ -213,16 +299,14 @@ def _start_supervision(server, host: str, health_port: Optional[int]):
     from tritonllm.asgi_thread import ASGIStartError, ThreadedASGIServer
     from tritonllm.supervisor import Supervisor, health_app
 
-    supervisor = Supervisor(server, on_restart=lambda reason: console.print(
-        f"[red]restarting tritonserver[/]: {reason}", markup=True, highlight=False)).start()
+    supervisor = Supervisor(server, on_restart=lambda reason: _say(f"restarting tritonserver: {reason}")).start()
     if health_port is None:
         return supervisor, None
     try:
         return supervisor, ThreadedASGIServer(health_app(supervisor), host, health_port, "health").start()
     except ASGIStartError as error:
         supervisor.stop()
-        server.stop()
-        _fail(str(error))
+        _fail(str(error))  # the caller's clean-up stops the server
 
 
 def _start_gateway(server, repository: Path, host: str, port: int, api_keys: Optional[Path]):
@@ -261,6 +345,7 @@ def serve(
     gateway_port: Optional[int] = typer.Option(None, help="also serve the OpenAI-compatible gateway on this port"),
     api_keys: Optional[Path] = typer.Option(None, help="gateway API keys (JSON, hashed; see `tritonllm api-key`); "
                                                        "default: $TRITONLLM_API_KEYS, else no keys"),
+    admin_key: Optional[str] = typer.Option(None, help=ADMIN_KEY_HELP),
     health_port: Optional[int] = typer.Option(None, help="serve /health/ready and /health/live (the supervisor's "
                                                           "checks, which run a real request) on this port"),
     supervise: bool = typer.Option(True, "--supervise/--no-supervise",
@@ -268,7 +353,7 @@ def serve(
 ) -> None:
     """Start tritonserver on a repository (and the OpenAI gateway with --gateway-port); serve until Ctrl-C/SIGTERM."""
     _run_server(repository, host, http_port, grpc_port, metrics_port, precision, None, gateway_port, api_keys,
-                health_port, supervise)
+                admin_key, health_port, supervise)
 
 
 @app.command()
@@ -288,8 +373,7 @@ def gateway(
     if (repository is None) == (tokenizer is None):
         _fail("give exactly one of --repository and --tokenizer (the served model's tokenizer folder)", USAGE_ERROR)
     urls = tuple(_parse_option("--triton", triton, _comma_list(allowed_text="comma-separated host:port")))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = _StopSignals()
     server = _gateway_server(GatewaySettings(triton_grpc_urls=urls, model=model.value,
                                              served_model_name=served_model_name, host=host, port=port),
                              repository, tokenizer, api_keys)
@@ -297,8 +381,6 @@ def gateway(
     try:
         while not stop.wait(0.5) and server.is_running():
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
         server.stop()
 
@@ -333,9 +415,10 @@ def demo(
     http_port: int = typer.Option(8000),
     grpc_port: int = typer.Option(8001),
     metrics_port: int = typer.Option(8002),
+    admin_key: Optional[str] = typer.Option(None, help=ADMIN_KEY_HELP),
 ) -> None:
     """Main job: build the bundled model (cached), serve it, stream one chat answer, keep serving until Ctrl-C."""
-    _run_server(None, host, http_port, grpc_port, metrics_port, Precision.fp32, prompt)
+    _run_server(None, host, http_port, grpc_port, metrics_port, Precision.fp32, prompt, admin_key=admin_key)
 
 
 @app.command()

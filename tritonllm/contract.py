@@ -16,6 +16,8 @@ the linter, the client and the docs all read the same facts:
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -94,6 +96,65 @@ FRONT_OUTPUTS: tuple[Tensor, ...] = ENSEMBLE_OUTPUTS + (
            note="cosine similarity of the cached entry served (1 for exact), or of the closest on a miss"),
 )
 CACHE_MODES: tuple[str, ...] = ("use", "bypass", "refresh")
+
+
+# --- allowed values of request inputs ---------------------------------------------------------------------------------
+
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+FP32_MAX = 3.4028234663852886e38
+
+
+@dataclass(frozen=True)
+class InputRange:
+    """The values a numeric request input allows, checked on the value the model receives (after Triton's
+    conversion). `allowed` says it in a message; `{vocabulary}` and `{last_id}` in it are filled in with the model's
+    vocabulary when the checker knows it (`vocab_high` then lowers `high` to vocabulary size + vocab_high)."""
+
+    low: float
+    high: float
+    allowed: str
+    low_exclusive: bool = False
+    vocab_high: int | None = None
+
+    def allows(self, value: float, vocab_size: int | None = None) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return False
+        high = self.high if vocab_size is None or self.vocab_high is None else vocab_size + self.vocab_high
+        return (value > self.low if self.low_exclusive else value >= self.low) and value <= high
+
+    def describe(self, vocab_size: int | None = None) -> str:
+        return self.allowed.format(
+            vocabulary="the vocabulary size" if vocab_size is None else f"vocabulary size {vocab_size}",
+            last_id="vocabulary size - 1" if vocab_size is None else vocab_size - 1)
+
+
+# Every numeric input of the ensemble and `llm` contracts. The model-dependent bounds (the vocabulary; max_tokens at
+# most the context left after the prompt) are checked where the model is known: preprocessing and the engine.
+#
+# What no check in a model can see: Triton 2.51's HTTP front converts a JSON integer to INT32 by dropping the high
+# bits, so top_k = 2**32 + 1 arrives as 1 and max_tokens = 2**32 + 4 as 4, both allowed values. Values that arrive
+# out of range (2**31 arrives as -2**31) are refused; the wrapped-in-range residue is stopped only in front of
+# Triton: the OpenAI gateway and the Python client range-check before sending, and Triton's own ports stay private.
+INPUT_RANGES: dict[str, InputRange] = {
+    "max_tokens": InputRange(1, INT32_MAX, "1..2147483647 (and at most the context left after the prompt)"),
+    "min_tokens": InputRange(0, INT32_MAX, ">= 0 (at most 2147483647)"),
+    "temperature": InputRange(0.0, FP32_MAX, "a finite value >= 0 (0 = greedy)"),
+    "top_p": InputRange(0.0, 1.0, "0 < top_p <= 1", low_exclusive=True),
+    "top_k": InputRange(0, INT32_MAX, "0 (off) .. {vocabulary}", vocab_high=0),
+    "seed": InputRange(0, UINT64_MAX, "0 .. 2**64-1"),
+    "end_id": InputRange(0, INT32_MAX, "a token id in 0..{last_id}", vocab_high=-1),
+    "pad_id": InputRange(0, INT32_MAX, "a token id in 0..{last_id}", vocab_high=-1),
+}
+EMPTY_PROMPT = "input text_input must not be empty; send a non-empty UTF-8 prompt"
+
+
+def input_problem(name: str, value: object, vocab_size: int | None = None) -> str | None:
+    """Why `value` is not allowed for the numeric input `name` (None: it is allowed, or `name` has no range)."""
+    allowed = INPUT_RANGES.get(name)
+    if allowed is None or value is None or allowed.allows(value, vocab_size):
+        return None
+    return f"{name} = {value!r} is not allowed; allowed: {allowed.describe(vocab_size)}"
 
 
 def tensors_by_name(tensors: tuple[Tensor, ...]) -> dict[str, Tensor]:

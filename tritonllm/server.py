@@ -2,20 +2,31 @@
 
 Where tritonserver comes from, in order: `$TRITONSERVER` (path to the binary), an NGC container's
 `/opt/tritonserver`, or the build bundled in the nvidia-pytriton wheel (CPU; see DESIGN.md for its quirks).
+
+Nothing it starts outlives it (see tritonllm/reaper.py): tritonserver leads its own session and process group, which
+its Python stubs inherit; it gets SIGTERM when the thread that started it ends (a parent-death signal); a reaper
+process watches the launcher and stops the group if the launcher dies without `stop()` (kill -9); and `stop()` kills
+whatever of the group outlives tritonserver and removes the stubs' shared-memory files.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritonllm import reaper
 from tritonllm.contract import ENSEMBLE_URL_ENVIRONMENT
 from tritonllm.paths import cache_dir
 
@@ -23,6 +34,20 @@ NGC_ROOT = Path("/opt/tritonserver")
 # How long tritonserver waits for open connections and in-flight requests on SIGTERM before unloading models anyway
 # (its default is 30 s; an idle HTTP keep-alive connection alone holds it that long).
 EXIT_TIMEOUT_SECONDS = 10
+# How long the reaper lets tritonserver drain and unload (finalize) after the launcher died, before it kills the group.
+REAPER_GRACE_SECONDS = EXIT_TIMEOUT_SECONDS + 30
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+# Triton APIs only a client that sends the admin key may call (tritonserver's --http-restricted-api and
+# --grpc-restricted-protocol): model control and the repository index, the shared-memory registry (without this any
+# client could register a Python stub's own IPC region as an I/O region), log settings and tracing. Inference,
+# health, metadata, model configuration and statistics stay open: they change nothing, and perf_analyzer and
+# genai-perf read configuration and statistics.
+RESTRICTED_APIS: tuple[str, ...] = ("model-repository", "shared-memory", "logging", "trace")
+ADMIN_HEADER = "tritonllm-admin-key"  # HTTP header; over gRPC Triton expects it as metadata with this prefix:
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"
+ADMIN_KEY_ENVIRONMENT = "TRITONLLM_ADMIN_KEY"
+_ADMIN_KEY = re.compile(r"[A-Za-z0-9._~+/-]{16,256}")  # what survives Triton's `<apis>:<key>=<value>` parsing
 
 
 class ServerError(RuntimeError):
@@ -102,6 +127,35 @@ def live_group_members(group: int) -> list[int]:
     return members
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send the child SIGTERM when this thread ends (prctl PR_SET_PDEATHSIG), so
+    tritonserver stops even when the launcher is killed with SIGKILL. The signal follows the *thread* that forks:
+    only the main thread (which lives as long as the process) sets it; the reaper covers the other cases."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the launcher died before the signal was armed
+            os._exit(1)
+
+    return set_signal
+
+
+def admin_key_or_default(key: str | None) -> str:
+    """`key`, else $TRITONLLM_ADMIN_KEY, else a random key; ServerError when it is not a usable key."""
+    key = key or os.environ.get(ADMIN_KEY_ENVIRONMENT) or secrets.token_urlsafe(32)
+    if not _ADMIN_KEY.fullmatch(key):
+        raise ServerError(f"the admin key (--admin-key or ${ADMIN_KEY_ENVIRONMENT}) is not allowed; allowed: 16 to "
+                          "256 characters of A-Z a-z 0-9 . _ ~ + / -")
+    return key
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -133,8 +187,13 @@ class TritonServer:
 
     def __init__(self, repository: Path, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
                  metrics_port: int = 0, log_file: Path | None = None, response_cache_bytes: int = 0,
-                 log_verbose: int = 0, extra_args: list[str] | None = None) -> None:
+                 log_verbose: int = 0, extra_args: list[str] | None = None, admin_key: str | None = None,
+                 restricted_apis: tuple[str, ...] = RESTRICTED_APIS) -> None:
+        """`admin_key` (default: $TRITONLLM_ADMIN_KEY, else a random key for this run, kept in this object only)
+        unlocks `restricted_apis`; `admin_headers()` are the headers a client sends with it."""
         self.repository = Path(repository).resolve()
+        self.admin_key = admin_key_or_default(admin_key)
+        self.restricted_apis = tuple(restricted_apis)
         self.endpoints = Endpoints(host, http_port or free_port(host), grpc_port or free_port(host),
                                    metrics_port or free_port(host))
         self.log_file = Path(log_file) if log_file else cache_dir() / "logs" / f"tritonserver-{os.getpid()}.log"
@@ -142,6 +201,9 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
+        self._reaper: subprocess.Popen | None = None
+        self._reaper_pipe: int | None = None  # write end; closing it (or dying) tells the reaper to clean up
+        self._regions: set[str] = set()  # shared-memory regions the stubs of this server were seen using
 
     def command(self, installation: TritonInstallation) -> list[str]:
         ep = self.endpoints
@@ -153,12 +215,21 @@ class TritonServer:
                 "--allow-metrics=true", "--exit-on-error=true", "--strict-readiness=true",
                 f"--exit-timeout-secs={EXIT_TIMEOUT_SECONDS}",
                 f"--log-verbose={self.log_verbose}"]
+        if self.restricted_apis:
+            restricted = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
+            args += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         if self.response_cache_bytes and installation.cache_plugin_dir:
             args += [f"--cache-config=local,size={self.response_cache_bytes}",
                      f"--cache-directory={installation.cache_plugin_dir}"]
         return args + self.extra_args
 
-    def start(self, timeout: float = 180.0) -> "TritonServer":
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """Headers (HTTP) or metadata (gRPC, tritonclient's `headers=`) that unlock the restricted APIs."""
+        name = ADMIN_HEADER if protocol == "http" else GRPC_RESTRICTED_PREFIX + ADMIN_HEADER
+        return {name: self.admin_key}
+
+    def start(self, timeout: float = 180.0, stop: threading.Event | None = None) -> "TritonServer":
+        """Start tritonserver and wait until it is ready, or until `stop` is set (then the caller stops it)."""
         if not (self.repository / "ensemble").is_dir() and not any(self.repository.glob("*/config.pbtxt")):
             raise ServerError(f"{self.repository} holds no model (run `tritonllm build` first)")
         installation = find_tritonserver()
@@ -166,19 +237,46 @@ class TritonServer:
         log = open(self.log_file, "wb")
         # The front model streams cache misses from the ensemble over this server's gRPC port.
         env = os.environ | installation.env | {ENSEMBLE_URL_ENVIRONMENT: self.endpoints.grpc_url}
-        # Own process group, so Ctrl-C in the terminal reaches us first and we shut the server down in order.
+        # Own session and process group (the stubs inherit it): Ctrl-C in the terminal reaches us first and we shut
+        # the server down in order, and one killpg ends every process it started.
         self.process = subprocess.Popen(self.command(installation), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_parent_death_signal())
         log.close()
-        self._wait_ready(timeout)
+        self._start_reaper()
+        self._wait_ready(timeout, stop)
+        self._remember_regions()
         return self
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _start_reaper(self) -> None:
+        """The reaper (tritonllm/reaper.py) in a session of its own, holding the read end of a pipe only this
+        process writes to: when this process dies, the pipe closes and the reaper stops tritonserver's group."""
+        read_end, write_end = os.pipe()  # both non-inheritable: no other child of ours holds the write end
+        try:
+            with open(self.log_file, "ab") as log:
+                self._reaper = subprocess.Popen(
+                    [sys.executable, "-I", reaper.__file__, str(self.process.pid), str(read_end),
+                     str(REAPER_GRACE_SECONDS)], pass_fds=(read_end,), start_new_session=True,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        self._reaper_pipe = write_end
+
+    def _remember_regions(self) -> None:
+        if self.process is not None:
+            self._regions |= reaper.shm_regions(reaper.group_members(self.process.pid))
+
+    def _wait_ready(self, timeout: float, stop: threading.Event | None = None) -> None:
         import tritonclient.http as httpclient
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                return
             if self.process.poll() is not None:
+                self.stop()  # stubs it started may still run
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while loading; "
                                   f"log: {self.log_file}\n{self.log_tail()}")
             # A fresh client each time, closed at once: an idle keep-alive connection would hold tritonserver's
@@ -219,17 +317,37 @@ class TritonServer:
 
     def stop(self, timeout: float = EXIT_TIMEOUT_SECONDS + 60.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests, then unloads models: finalize() runs, e.g. the cache's last
-        snapshot), SIGKILL only after `timeout`, well past Triton's own exit timeout."""
+        snapshot), SIGKILL of the whole group only after `timeout`, well past Triton's own exit timeout. Then what
+        is left of the group (a stub that outlived tritonserver) is killed, the stubs' shared-memory files are
+        removed and the reaper is let go. Safe to call again."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        self._remember_regions()  # while the stubs still run: their command lines name their regions
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    reaper.kill_group(self.process.pid)
+                    self.process.wait()
+        finally:
+            reaper.kill_group(self.process.pid)
+            reaper.remove_regions(self._regions)
+            self._release_reaper()
         return self.process.returncode
+
+    def _release_reaper(self) -> None:
+        if self._reaper_pipe is not None:
+            os.close(self._reaper_pipe)
+            self._reaper_pipe = None
+        if self._reaper is not None:
+            try:
+                self._reaper.wait(10)  # the group is gone: it finds nothing to do and exits
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+                self._reaper.wait()
+            self._reaper = None
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
