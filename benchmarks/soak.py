@@ -22,14 +22,15 @@ from pathlib import Path
 import requests
 
 from tritonllm.client.api import GenerationError, GenerationParams, LLMClient
-from tritonllm.server import TritonServer, live_group_members
+from tritonllm import reaper
+from tritonllm.server import TritonServer
 
 BAD_INPUTS = ({"max_tokens": 0}, {"temperature": -1.0}, {"top_p": 2.0}, {"cache": "sometimes"})
 
 
 def group_rss_kib(group: int) -> int:
     total = 0
-    for pid in live_group_members(group):
+    for pid in reaper.group_members(group):
         try:
             total += int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                               if line.startswith("VmRSS:")).split()[1])
@@ -102,7 +103,7 @@ def main() -> None:
     finally:
         group = server.process.pid
         server.stop()
-    report["group_processes_left"] = len(live_group_members(group))
+    report["group_processes_left"] = len(reaper.group_members(group))
     print(json.dumps(report, indent=2))
 
 

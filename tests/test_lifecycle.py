@@ -28,7 +28,7 @@ from tritonllm.server import REAPER_GRACE_SECONDS, free_port
 pytestmark = pytest.mark.server  # tritonservers on a tiny random model: no SmolLM2 build
 
 TRITONLLM = Path(sys.executable).parent / "tritonllm"
-WAYS = ("SIGTERM", "SIGINT", "SIGHUP", "closed-pipe", "SIGKILL")
+WAYS = ("SIGTERM", "SIGINT", "SIGINT-thrice", "SIGHUP", "closed-pipe", "SIGKILL")
 STUBS = 3  # the Python models of the tiny repository: preprocessing, engine, postprocessing
 ADMIN_KEY = "lifecycle-test-admin-key"
 
@@ -125,6 +125,9 @@ def test_serve_closes_the_control_plane_to_all_but_the_admin_key(served):
 def _end(one: Served, way: str) -> int:
     if way == "closed-pipe":  # the reader of its stdout goes away, as `tritonllm serve | head -1` once head exits
         one.process.stdout.close()
+    elif way == "SIGINT-thrice":  # an impatient Ctrl-C: once deadlocked the handler (it set an Event re-entrantly)
+        for _ in range(3):
+            one.process.send_signal(signal.SIGINT)
     else:
         one.process.send_signal(getattr(signal, way))
     return one.process.wait(timeout=60)

@@ -19,12 +19,13 @@ import pytest
 import requests
 from support import export_tiny_llama
 
+from tritonllm import reaper
 from tritonllm.builders import repository
 from tritonllm.client.api import GenerationParams, LLMClient
 from tritonllm.contract import CacheSettings, EngineSettings, GatewaySettings, RepositorySettings
 from tritonllm.gateway.server import GatewayServer
 from tritonllm.gateway.tokens import repository_tokenizer_dir
-from tritonllm.server import TritonServer, find_tritonserver, live_group_members
+from tritonllm.server import TritonServer, find_tritonserver
 
 pytestmark = pytest.mark.server  # tritonservers on a tiny random model: no SmolLM2 build
 
@@ -150,4 +151,4 @@ def test_the_gateway_keeps_serving_when_a_replica_is_killed_mid_load(replicas, s
         assert all(isinstance(answer, str) and answer for answer in after), after
         wait_until(lambda: requests.get(gateway.url + "/health", timeout=10).json()["replicas_ready"] == 1,
                    "the gateway takes A out of rotation")
-    wait_until(lambda: not live_group_members(a.process.pid), "nothing of A's process group is left")
+    wait_until(lambda: not reaper.group_members(a.process.pid), "nothing of A's process group is left")

@@ -163,8 +163,23 @@ class _StopSignals:
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        # The handler runs on the main thread between two bytecodes, possibly inside Event.wait/set, which hold the
+        # event's (non-reentrant) lock: setting the event there deadlocked on a second Ctrl-C. It only writes a byte;
+        # a relay thread sets the event.
+        read_end, self._write_end = os.pipe()
+        threading.Thread(target=self._relay, args=(read_end,), name="stop-signals", daemon=True).start()
         for signum in self.SIGNALS:
-            signal.signal(signum, lambda *_: self.event.set())
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, *_: object) -> None:
+        try:
+            os.write(self._write_end, b"s")
+        except OSError:  # the pipe is full: a stop is already on its way
+            pass
+
+    def _relay(self, read_end: int) -> None:
+        os.read(read_end, 1)
+        self.event.set()
 
     def wait(self, seconds: float) -> bool:
         return self.event.wait(seconds)

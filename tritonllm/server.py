@@ -113,20 +113,6 @@ def _pytriton_installation() -> TritonInstallation:
     return TritonInstallation(binary, backend_dir, _existing(server_root / "caches"), env)
 
 
-def live_group_members(group: int) -> list[int]:
-    """Pids of the processes in process group `group` that still run (zombies waiting to be reaped excluded):
-    tritonserver leads its own group, so these are it and its stubs."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == group:
-            members.append(int(stat.parent.name))
-    return members
-
-
 def _parent_death_signal() -> Callable[[], None] | None:
     """A `preexec_fn` that has the kernel send the child SIGTERM when this thread ends (prctl PR_SET_PDEATHSIG), so
     tritonserver stops even when the launcher is killed with SIGKILL. The signal follows the *thread* that forks:
