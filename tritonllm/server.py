@@ -12,6 +12,7 @@ whatever of the group outlives tritonserver and removes the stubs' shared-memory
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import re
 import secrets
@@ -97,7 +98,9 @@ def _pytriton_installation() -> TritonInstallation:
     if not stub.is_file():
         raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version}")
     # tritonserver expects <backend_dir>/python/{libtriton_python.so, triton_python_backend_utils.py, stub}.
-    backend_dir = cache_dir() / f"triton-backends-py{version}"
+    # One folder per installation: checkouts with their own venvs may start servers at the same time.
+    installation = hashlib.sha256(str(server_root.resolve()).encode()).hexdigest()[:12]
+    backend_dir = cache_dir() / f"triton-backends-py{version}-{installation}"
     python_dir = backend_dir / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for source in [*(server_root / "backends" / "python").glob("*.*"), stub]:
