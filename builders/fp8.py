@@ -1,18 +1,26 @@
-"""FP8 post-training quantization for TensorRT-LLM, with an accuracy gate and a recipe search.
+"""Post-training quantization for TensorRT-LLM (FP8, INT4 AWQ), with an accuracy gate and a recipe search.
 
-Steps, per recipe (RECIPES, cheapest first): load the Hugging Face model in bf16 (cast before quantizing, or the
-export rounds twice), calibrate FP8 weights + activations (+ optionally the KV cache) with NVIDIA Model Optimizer on
-calibration prompts, optionally keep the decoder layers a measured sensitivity scan finds most harmful in bf16,
-export a TensorRT-LLM checkpoint and an FP8 Hugging Face checkpoint, check both against the source model, then
-rebuild the model from the TensorRT-LLM checkpoint with real FP8 GEMMs (fp8_verify.py) and compare it with the
-unquantized model on held-out prompts. The first recipe that passes is published; every attempt, refused ones
+Steps, per recipe (RECIPES[quant], cheapest first): load the Hugging Face model in bf16 (cast before quantizing, or
+the export rounds twice), calibrate with NVIDIA Model Optimizer on calibration prompts (FP8 weights + activations,
+optionally the KV cache; or INT4 AWQ weights, Model Optimizer's INT4_AWQ_CFG with its awq_lite scale search),
+optionally keep the decoder layers a measured sensitivity scan finds most harmful in bf16, export a TensorRT-LLM
+checkpoint (and for FP8 an FP8 Hugging Face checkpoint), check the exports against the source model, then rebuild the
+model from the TensorRT-LLM checkpoint (real FP8 GEMMs, or the packed int4 weights; fp8_verify.py) and compare it with
+the unquantized model on held-out prompts. The first recipe that passes is published; every attempt, refused ones
 included, is in the report. Everything is written into a temporary folder that becomes `out_dir` only when a recipe
 passes.
+
+What makes the search affordable on a CPU, without touching the gate: the float32 reference scores are computed once
+per (model, prompts) and kept in the build cache; calibration runs once per quantization algorithm (calibration only
+collects ranges from the unquantized forward pass, so the recipes with and without an FP8 KV cache share it; each
+recipe works on a copy); and a recipe's gate stops as soon as it provably cannot pass (fp8_verify.unreachable).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import io
 import json
 import math
@@ -24,15 +32,16 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tritonllm.prompts import PromptFileError, read_prompts
 from tritonllm.python_backends.chat import encode_user_turn
 
 from .errors import BuildError
 from .files import atomic_dir
-from .fp8_verify import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, FP8_DTYPE, LAYER_LINEARS, PER_CHANNEL_PER_TOKEN,
-                         PER_TENSOR, CheckpointModel, GateReport, GateThresholds, TokenScores,
+from .source import content_key
+from .fp8_verify import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, FP8_DTYPE, PER_CHANNEL_PER_TOKEN, PER_TENSOR,
+                         W4A16_AWQ, CheckpointModel, GateReport, GateThresholds, TokenScores,
                          checkpoint_tensor_problems, compare_scores, read_checkpoint_config, run_gate,
                          score_sequences)
 
@@ -71,39 +80,58 @@ class Fp8Recipe:
     keep_sensitive_layers: bool = False
 
 
-# Cheapest first (most FP8, fewest scales): the search publishes the first that passes the gate.
-RECIPES = (
-    Fp8Recipe("fp8-per-tensor+fp8-kv", PER_TENSOR, kv_cache_fp8=True),
-    Fp8Recipe("fp8-per-tensor", PER_TENSOR, kv_cache_fp8=False),
-    Fp8Recipe("fp8-mixed+fp8-kv", PER_TENSOR, kv_cache_fp8=True, keep_sensitive_layers=True),
-    Fp8Recipe("fp8-mixed", PER_TENSOR, kv_cache_fp8=False, keep_sensitive_layers=True),
-    Fp8Recipe("fp8-rowwise+fp8-kv", PER_CHANNEL_PER_TOKEN, kv_cache_fp8=True),
-    Fp8Recipe("fp8-rowwise", PER_CHANNEL_PER_TOKEN, kv_cache_fp8=False),
-)
-RECIPE_NAMES = tuple(recipe.name for recipe in RECIPES)
+# `--quant` value -> its recipes, cheapest first (most quantized, fewest scales): the search publishes the first that
+# passes the gate.
+RECIPES = {
+    "fp8": (
+        Fp8Recipe("fp8-per-tensor+fp8-kv", PER_TENSOR, kv_cache_fp8=True),
+        Fp8Recipe("fp8-per-tensor", PER_TENSOR, kv_cache_fp8=False),
+        Fp8Recipe("fp8-mixed+fp8-kv", PER_TENSOR, kv_cache_fp8=True, keep_sensitive_layers=True),
+        Fp8Recipe("fp8-mixed", PER_TENSOR, kv_cache_fp8=False, keep_sensitive_layers=True),
+        Fp8Recipe("fp8-rowwise+fp8-kv", PER_CHANNEL_PER_TOKEN, kv_cache_fp8=True),
+        Fp8Recipe("fp8-rowwise", PER_CHANNEL_PER_TOKEN, kv_cache_fp8=False),
+    ),
+    # W4A16: int4 weights with AWQ pre-quant scales, bf16 activations (the seed's "AWQ 4-bit" pattern).
+    "int4_awq": (
+        Fp8Recipe("int4-awq+fp8-kv", W4A16_AWQ, kv_cache_fp8=True),
+        Fp8Recipe("int4-awq", W4A16_AWQ, kv_cache_fp8=False),
+    ),
+}
+QUANTS = tuple(RECIPES)
+RECIPE_NAMES = tuple(recipe.name for recipes in RECIPES.values() for recipe in recipes)
+# TensorRT-LLM's W4A16 AWQ kernels take these group sizes; the largest that divides every input width is used.
+AWQ_GROUP_SIZES = (128, 64)
+# awq_lite's cost is per forward call (every call fake-quantizes each weight for each of its 11 scale exponents), not
+# per token: calibration prompts run in batches of this many, of similar length (the padding positions of a batch
+# count in its activation statistics, as with Model Optimizer's own padded calibration loaders). Measured (tiny model):
+# ~60% of AWQ calibration time in those per-call weight fake-quantizations.
+AWQ_BATCH = 8
 
 
-def select_recipes(kv_cache_fp8: bool | None, names: list[str] | None = None) -> list[Fp8Recipe]:
-    """The recipes to search, in order: all of them, or only those with (True) / without (False) an FP8 KV cache,
-    optionally only the named ones."""
-    unknown = set(names or ()) - set(RECIPE_NAMES)
+def select_recipes(kv_cache_fp8: bool | None, names: list[str] | None = None, quant: str = "fp8") -> list[Fp8Recipe]:
+    """The recipes of `quant` to search, in order: all of them, or only those with (True) / without (False) an FP8
+    KV cache, optionally only the named ones."""
+    if quant not in RECIPES:
+        raise BuildError(f"quantization {quant!r} is not known; allowed: {', '.join(QUANTS)}")
+    allowed = [recipe.name for recipe in RECIPES[quant]]
+    unknown = set(names or ()) - set(allowed)
     if unknown:
-        raise BuildError(f"FP8 recipe {sorted(unknown)} is not known; allowed: {', '.join(RECIPE_NAMES)}")
-    chosen = [recipe for recipe in RECIPES if (kv_cache_fp8 is None or recipe.kv_cache_fp8 == kv_cache_fp8)
+        raise BuildError(f"{quant} recipe {sorted(unknown)} is not known; allowed: {', '.join(allowed)}")
+    chosen = [recipe for recipe in RECIPES[quant] if (kv_cache_fp8 is None or recipe.kv_cache_fp8 == kv_cache_fp8)
               and (names is None or recipe.name in names)]
     if not chosen:
-        raise BuildError(f"no FP8 recipe matches recipes {names} with kv_cache_fp8={kv_cache_fp8}; allowed: "
-                         f"{', '.join(RECIPE_NAMES)}")
+        raise BuildError(f"no {quant} recipe matches recipes {names} with kv_cache_fp8={kv_cache_fp8}; allowed: "
+                         f"{', '.join(allowed)}")
     return chosen
 
 
 @dataclass(frozen=True)
 class Fp8Result:
-    """A published FP8 build: out_dir holds trtllm_checkpoint/, hf_fp8/ and gate_report.json."""
+    """A published build: out_dir holds trtllm_checkpoint/, gate_report.json and, for FP8 recipes, hf_fp8/."""
 
     out_dir: Path
     checkpoint_dir: Path
-    hf_fp8_dir: Path
+    hf_fp8_dir: Path | None
     report_path: Path
     report: GateReport
 
@@ -130,25 +158,77 @@ def tokenize_prompts(tokenizer, prompts: list[tuple[str, str]]) -> list[torch.Te
     return sequences
 
 
-def calibrate_fp8(model: torch.nn.Module, sequences: list[torch.Tensor], kv_cache_fp8: bool,
-                  quant_algo: str = PER_TENSOR) -> None:
-    """Insert FP8 quantizers (weights and activations per tensor, or weights per output channel and activations per
-    token at run time; the KV cache too when asked) and calibrate their ranges (max) on the sequences, in place.
-    lm_head stays unquantized (Model Optimizer's FP8 default)."""
+def awq_group_size(model_config) -> int:
+    """The largest of AWQ_GROUP_SIZES dividing every linear layer's input width (hidden, heads x head_dim and
+    intermediate sizes); SmolLM2's 576 takes 64."""
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    widths = (model_config.hidden_size, heads * head_dim, model_config.intermediate_size)
+    for size in AWQ_GROUP_SIZES:
+        if all(width % size == 0 for width in widths):
+            return size
+    raise BuildError(f"no INT4 AWQ group size in {AWQ_GROUP_SIZES} divides the input widths {widths} of this model")
+
+
+def quantize_config(quant_algo: str, kv_cache_fp8: bool, model_config) -> dict:
+    """Model Optimizer's config for a quant algo: FP8 per tensor (FP8_DEFAULT_CFG), FP8 per channel and token, or
+    INT4_AWQ_CFG with its group size set to `awq_group_size` (Model Optimizer's default 128 does not divide
+    SmolLM2's 576 channels); the FP8 KV cache on top when asked. lm_head stays unquantized in all (their default)."""
     import modelopt.torch.quantization as mtq
 
-    config = {PER_TENSOR: mtq.FP8_DEFAULT_CFG, PER_CHANNEL_PER_TOKEN: mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG}[quant_algo]
+    if quant_algo == W4A16_AWQ:
+        config = copy.deepcopy(mtq.INT4_AWQ_CFG)
+        for entry in config["quant_cfg"]:
+            if entry.get("quantizer_name") == "*weight_quantizer":
+                entry["cfg"]["block_sizes"] = {-1: awq_group_size(model_config), "type": "static"}
+    else:
+        config = {PER_TENSOR: mtq.FP8_DEFAULT_CFG, PER_CHANNEL_PER_TOKEN: mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG}[quant_algo]
     if kv_cache_fp8:
         config = mtq.update_quant_cfg_with_kv_cache_quant(config, mtq.FP8_KV_CFG["quant_cfg"])
+    return config
 
+
+def calibrate_fp8(model: torch.nn.Module, sequences: list[torch.Tensor], kv_cache_fp8: bool,
+                  quant_algo: str = PER_TENSOR) -> None:
+    """Insert the quant algo's quantizers (`quantize_config`; the KV cache too when asked) and calibrate them on the
+    sequences, in place: ranges (max) for FP8, the AWQ pre-quant scales and int4 group ranges for W4A16_AWQ."""
+    import modelopt.torch.quantization as mtq
+
+    config = quantize_config(quant_algo, kv_cache_fp8, model.config)
     device = next(model.parameters()).device
+    batches = _length_sorted_batches(sequences, AWQ_BATCH if quant_algo == W4A16_AWQ else 1)
 
     def forward_loop(quantized: torch.nn.Module) -> None:
-        for ids in sequences:
-            quantized(ids.unsqueeze(0).to(device))
+        for ids, mask in batches:
+            quantized(ids.to(device), attention_mask=mask.to(device))
 
     with torch.no_grad():
         mtq.quantize(model, config, forward_loop)
+
+
+def _length_sorted_batches(sequences: list[torch.Tensor], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, attention mask) batches of `size` sequences of similar length, right-padded (size 1: each sequence
+    alone, in order, no padding)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i])) if size > 1 else range(len(sequences))
+    ordered = [sequences[i] for i in order]
+    batches = []
+    for start in range(0, len(ordered), size):
+        group = ordered[start:start + size]
+        width = max(len(ids) for ids in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, sequence in enumerate(group):
+            ids[row, :len(sequence)], mask[row, :len(sequence)] = sequence, 1
+        batches.append((ids, mask))
+    return batches
+
+
+def _disable_kv_cache_quantizers(model: torch.nn.Module) -> None:
+    """Turn a model calibrated with an FP8 KV cache into the same model without one (the other quantizers'
+    statistics come from the unquantized forward pass, so they do not depend on it)."""
+    import modelopt.torch.quantization as mtq
+
+    mtq.disable_quantizer(model, lambda name: name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")))
 
 
 def _is_linear_quantizer(name: str, layer: int | None = None) -> bool:
@@ -217,22 +297,25 @@ def exclude_modules(excluded_layers: list[int], naming: str) -> list[str]:
     return names
 
 
-def export_checkpoints(model: torch.nn.Module, checkpoint_dir: Path, hf_fp8_dir: Path, source_dir: Path,
+def export_checkpoints(model: torch.nn.Module, checkpoint_dir: Path, hf_fp8_dir: Path | None, source_dir: Path,
                        excluded_layers: list[int] | None = None) -> None:
-    """Write the TensorRT-LLM checkpoint (config.json + rank0.safetensors) and the FP8 Hugging Face checkpoint;
-    with excluded layers, both configs list them by exact module name."""
+    """Write the TensorRT-LLM checkpoint (config.json + rank0.safetensors) and, unless hf_fp8_dir is None, the FP8
+    Hugging Face checkpoint; with excluded layers, both configs list them by exact module name."""
     from modelopt.torch.export import export_hf_checkpoint, export_tensorrt_llm_checkpoint
 
     decoder_type = DECODER_TYPES[model.config.model_type]
     # TensorRT-LLM first: it gives fused layers (q/k/v, gate/up) one shared scale in place, and the HF export then
     # replaces the weights by FP8 tensors in place, after which the model no longer runs.
     export_tensorrt_llm_checkpoint(model, decoder_type, torch.bfloat16, checkpoint_dir, inference_tensor_parallel=1)
+    if excluded_layers:
+        _set_exclude_modules(checkpoint_dir / CHECKPOINT_CONFIG, exclude_modules(excluded_layers, "trtllm"))
+    if hf_fp8_dir is None:
+        return
     # dtype float32: Model Optimizer quantizes the HF weights in the export dtype, and dividing bf16 weights by their
     # scale in bf16 rounds twice (measured: ~2.5% of the FP8 weights one step off the TensorRT-LLM checkpoint's).
     # Unquantized tensors keep the model's bf16.
     export_hf_checkpoint(model, dtype=torch.float32, export_dir=hf_fp8_dir)
     if excluded_layers:
-        _set_exclude_modules(checkpoint_dir / CHECKPOINT_CONFIG, exclude_modules(excluded_layers, "trtllm"))
         _set_exclude_modules(hf_fp8_dir / HF_QUANT_CONFIG, exclude_modules(excluded_layers, "hf"))
     for name in TOKENIZER_FILES:
         if (source_dir / name).is_file():
@@ -245,9 +328,12 @@ def _set_exclude_modules(config_file: Path, names: list[str]) -> None:
     config_file.write_text(json.dumps(config, indent=4) + "\n")
 
 
-def expected_quantization(recipe: Fp8Recipe, excluded_layers: list[int]) -> dict:
-    """The `quantization` block a recipe's TensorRT-LLM checkpoint must carry (what trtllm-build reads)."""
-    return {"quant_algo": recipe.quant_algo, "kv_cache_quant_algo": "FP8" if recipe.kv_cache_fp8 else None,
+def expected_quantization(recipe: Fp8Recipe, excluded_layers: list[int], model_config=None) -> dict:
+    """The `quantization` block a recipe's TensorRT-LLM checkpoint must carry (what trtllm-build reads); INT4 AWQ
+    (needs `model_config`) adds its group size, no zero point and the pre-quant scales."""
+    awq = ({"group_size": awq_group_size(model_config), "has_zero_point": False, "pre_quant_scale": True}
+           if recipe.quant_algo == W4A16_AWQ else {})
+    return {"quant_algo": recipe.quant_algo, "kv_cache_quant_algo": "FP8" if recipe.kv_cache_fp8 else None, **awq,
             "exclude_modules": exclude_modules(excluded_layers, "trtllm")}
 
 
@@ -324,27 +410,40 @@ def hf_export_mismatches(hf_fp8_dir: Path, checkpoint_tensors: dict[str, torch.T
 
 def build_fp8(hf_dir: Path, out_dir: Path, calib_file: Path | None, calib_size: int, kv_cache_fp8: bool | None,
               gate: GateThresholds, console: Console | None = None,
-              recipes: list[Fp8Recipe] | None = None) -> Fp8Result:
-    """Search the FP8 recipes (default: `select_recipes(kv_cache_fp8)`) for the model in `hf_dir`, in order; publish
-    the first whose checkpoint passes the gate as `out_dir`, with every attempt in its report.
+              recipes: list[Fp8Recipe] | None = None, quant: str = "fp8", stop_early: bool = True,
+              reference_cache: Path | None = None) -> Fp8Result:
+    """Search the recipes (default: `select_recipes(kv_cache_fp8, quant=quant)`) for the model in `hf_dir`, in order;
+    publish the first whose checkpoint passes the gate as `out_dir`, with every attempt in its report.
+
+    `stop_early`: a recipe's gate stops once it provably cannot pass (the report says why; the gate itself is the
+    same). `reference_cache`: a folder keeping the float32 reference scores between builds (keyed by the model's
+    content and the token ids scored); None computes them every time.
 
     Raises BuildError (and publishes nothing) on bad calibration input, an unsupported model, an export inconsistent
     with the source, or when no recipe passes; the report of all attempts is then kept as
     `<out_dir>.rejected-gate-report.json`.
     """
+    with torch_threads_for_load(console):
+        return _search(hf_dir, out_dir, calib_file, calib_size, kv_cache_fp8, gate, console, recipes, quant,
+                       stop_early, reference_cache)
+
+
+def _search(hf_dir: Path, out_dir: Path, calib_file: Path | None, calib_size: int, kv_cache_fp8: bool | None,
+            gate: GateThresholds, console: Console | None, recipes: list[Fp8Recipe] | None, quant: str,
+            stop_early: bool, reference_cache: Path | None) -> Fp8Result:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     console = console or Console(stderr=True)
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     gate.validate()
-    recipes = list(recipes) if recipes is not None else select_recipes(kv_cache_fp8)
+    recipes = list(recipes) if recipes is not None else select_recipes(kv_cache_fp8, quant=quant)
     if not recipes:
-        raise BuildError(f"no FP8 recipe to try; allowed: {', '.join(RECIPE_NAMES)}")
+        raise BuildError(f"no recipe to try; allowed: {', '.join(RECIPE_NAMES)}")
     calibration = load_prompts(calib_file or DEFAULT_CALIBRATION_FILE, calib_size)
     heldout = load_prompts(HELDOUT_FILE)
     source_config = AutoConfig.from_pretrained(hf_dir)
     if source_config.model_type not in DECODER_TYPES:
-        raise BuildError(f"{hf_dir}: model_type {source_config.model_type!r} has no FP8 TensorRT-LLM path here; "
+        raise BuildError(f"{hf_dir}: model_type {source_config.model_type!r} has no TensorRT-LLM path here; "
                          f"allowed: {', '.join(DECODER_TYPES)}")
     if not source_config.architectures:
         raise BuildError(f"{hf_dir}/config.json has no 'architectures'; the TensorRT-LLM export needs it")
@@ -354,24 +453,41 @@ def build_fp8(hf_dir: Path, out_dir: Path, calib_file: Path | None, calib_size: 
     scan_ids = calibration_ids[:SCAN_PROMPTS]
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    reference_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(device)
-    reference = score_sequences(lambda ids: reference_model(ids.to(device)).logits, heldout_ids)
-    scan_reference = score_sequences(lambda ids: reference_model(ids.to(device)).logits, scan_ids)
-    del reference_model
+    def reference_model():
+        return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(device)
+
+    reference, scan_reference = reference_scores(reference_model, hf_dir, [heldout_ids, scan_ids], reference_cache)
     context = {"source": str(hf_dir), "reference": "source model, float32",
                "calibration_file": str(calib_file or DEFAULT_CALIBRATION_FILE),
                "calibration_prompts": len(calibration_ids), "heldout_file": str(HELDOUT_FILE)}
 
+    def bf16_model() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval().to(device)
+
+    calibrated: dict[str, torch.nn.Module] = {}  # quant algo -> calibrated model, shared by its recipes
     attempts = []
     with atomic_dir(out_dir) as staging:  # an earlier build in out_dir is replaced only by a whole new one
         for recipe in recipes:
             attempt_dir = staging / recipe.name
-            console.print(f"FP8 recipe {recipe.name}: calibration on {len(calibration_ids)} prompts from "
-                          f"{calib_file or 'the default set'}")
-            report, sensitivity = _attempt(recipe, hf_dir, attempt_dir, source_config, calibration_ids, scan_ids,
-                                           scan_reference, heldout_ids, reference, gate, device)
+            attempt_dir.mkdir()
+            with _modelopt_output(attempt_dir / MODELOPT_LOG):
+                if recipe.quant_algo not in calibrated:
+                    console.print(f"calibration ({recipe.quant_algo}) on {len(calibration_ids)} prompts from "
+                                  f"{calib_file or 'the default set'}")
+                    calibrated[recipe.quant_algo] = model = bf16_model()
+                    # With the KV cache quantizers when any recipe of this algo wants them; the others turn them off.
+                    calibrate_fp8(model, calibration_ids, any(r.kv_cache_fp8 for r in recipes
+                                                              if r.quant_algo == recipe.quant_algo), recipe.quant_algo)
+                model = copy.deepcopy(calibrated[recipe.quant_algo])  # the export changes the model in place
+                if not recipe.kv_cache_fp8:
+                    _disable_kv_cache_quantizers(model)
+                console.print(f"recipe {recipe.name}: export and gate")
+                report, sensitivity = _attempt(recipe, model, hf_dir, attempt_dir, source_config, scan_ids,
+                                               scan_reference, heldout_ids, reference, gate, device, stop_early)
+            del model
             console.print(report.table())
             attempts.append({"recipe": recipe.name, "passed": report.passed, "failures": report.failures,
+                             "stopped_early": report.stopped_early, "scored_tokens": report.tokens,
                              "top1_agreement": report.top1_agreement,
                              "perplexity_increase": report.perplexity_increase, "quant_algo": report.quant_algo,
                              "kv_cache_quant_algo": report.kv_cache_quant_algo,
@@ -380,55 +496,102 @@ def build_fp8(hf_dir: Path, out_dir: Path, calib_file: Path | None, calib_size: 
             if report.passed:
                 break
             shutil.rmtree(attempt_dir)
+        calibrated.clear()
         report.extra = {**context, "recipe": recipe.name, "search": attempts}
         if not report.passed:
             rejected = out_dir.with_name(f"{out_dir.name}.rejected-gate-report.json")
             rejected.write_text(json.dumps({"passed": False, "thresholds": asdict(gate), **context,
                                             "search": attempts}, indent=2) + "\n")
             tried = "; ".join(f"{a['recipe']}: {a['top1_agreement']:.2%} / {a['perplexity_increase']:+.2%}"
-                              for a in attempts)
-            raise BuildError(f"no FP8 recipe passed the accuracy gate (top-1 agreement / perplexity increase: "
+                              + (" (stopped early)" if a["stopped_early"] else "") for a in attempts)
+            raise BuildError(f"no {quant} recipe passed the accuracy gate (top-1 agreement / perplexity increase: "
                              f"{tried}); nothing was published to {out_dir}. Report: {rejected}. Try "
                              f"production-like calibration prompts (--calib), or keep this model in bf16.")
-        for name in (CHECKPOINT_DIR, HF_FP8_DIR):
-            (attempt_dir / name).rename(staging / name)
-        (attempt_dir / MODELOPT_LOG).rename(staging / MODELOPT_LOG)
+        for name in (CHECKPOINT_DIR, HF_FP8_DIR, MODELOPT_LOG):
+            if (attempt_dir / name).exists():
+                (attempt_dir / name).rename(staging / name)
         attempt_dir.rmdir()
         report.checkpoint = str(out_dir / CHECKPOINT_DIR)
         report.write_json(staging / REPORT_FILE)
-    return Fp8Result(out_dir=out_dir, checkpoint_dir=out_dir / CHECKPOINT_DIR, hf_fp8_dir=out_dir / HF_FP8_DIR,
-                     report_path=out_dir / REPORT_FILE, report=report)
+    hf_fp8_dir = out_dir / HF_FP8_DIR
+    return Fp8Result(out_dir=out_dir, checkpoint_dir=out_dir / CHECKPOINT_DIR,
+                     hf_fp8_dir=hf_fp8_dir if hf_fp8_dir.is_dir() else None, report_path=out_dir / REPORT_FILE,
+                     report=report)
 
 
-def _attempt(recipe: Fp8Recipe, hf_dir: Path, attempt_dir: Path, source_config, calibration_ids, scan_ids,
+def reference_scores(load_model, hf_dir: Path, sequence_sets: list[list[torch.Tensor]],
+                     cache: Path | None) -> list[TokenScores]:
+    """The float32 reference's scores of each set of sequences. With `cache`, they are kept there under a key of the
+    model folder's content and the token ids, so a later build of the same model and prompts skips the reference
+    model (on 2 busy CPU cores it takes minutes)."""
+    digest = hashlib.sha256(content_key(hf_dir).encode())
+    for sequences in sequence_sets:
+        digest.update(b"set")
+        for ids in sequences:
+            digest.update(ids.numpy().tobytes() + b"|")
+    file = cache / f"reference-scores-{digest.hexdigest()[:24]}.safetensors" if cache else None
+    if file is not None and file.is_file():
+        tensors = load_file(file)
+        return [TokenScores.from_tensors({name.split("/", 1)[1]: tensor for name, tensor in tensors.items()
+                                          if name.startswith(f"{index}/")}) for index in range(len(sequence_sets))]
+    model = load_model()
+    results = [score_sequences(lambda ids: model(ids.to(model.device)).logits, sequences)
+               for sequences in sequence_sets]
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        partial = file.with_suffix(".partial")
+        save_file({f"{index}/{name}": tensor for index, scores in enumerate(results)
+                   for name, tensor in scores.to_tensors().items()}, partial)
+        partial.replace(file)
+    return results
+
+
+def _attempt(recipe: Fp8Recipe, model: torch.nn.Module, hf_dir: Path, attempt_dir: Path, source_config, scan_ids,
              scan_reference: TokenScores, heldout_ids, reference: TokenScores, gate: GateThresholds,
-             device: str) -> tuple[GateReport, dict | None]:
-    """Calibrate, (scan,) export, check and gate one recipe into attempt_dir. An export inconsistent with the source
-    raises BuildError: that is a broken export, not an accuracy miss for the search to step over."""
-    from transformers import AutoModelForCausalLM
-
-    checkpoint_dir, hf_fp8_dir = attempt_dir / CHECKPOINT_DIR, attempt_dir / HF_FP8_DIR
-    attempt_dir.mkdir()
+             device: str, stop_early: bool) -> tuple[GateReport, dict | None]:
+    """(Scan,) export, check and gate one recipe's calibrated model into attempt_dir. An export inconsistent with
+    the source raises BuildError: that is a broken export, not an accuracy miss for the search to step over."""
+    checkpoint_dir = attempt_dir / CHECKPOINT_DIR
+    # The FP8 Hugging Face checkpoint is an FP8 artifact; INT4 AWQ ships the TensorRT-LLM checkpoint only.
+    hf_fp8_dir = attempt_dir / HF_FP8_DIR if recipe.quant_algo in HF_SCALES else None
     sensitivity = None
-    with _modelopt_output(attempt_dir / MODELOPT_LOG):
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval().to(device)
-        calibrate_fp8(model, calibration_ids, recipe.kv_cache_fp8, recipe.quant_algo)
-        if recipe.keep_sensitive_layers:
-            sensitivity = keep_sensitive_layers(model, scan_ids, scan_reference, gate)
-        excluded = sensitivity["excluded_layers"] if sensitivity else []
-        export_checkpoints(model, checkpoint_dir, hf_fp8_dir, hf_dir, excluded)
-    del model
+    if recipe.keep_sensitive_layers:
+        sensitivity = keep_sensitive_layers(model, scan_ids, scan_reference, gate)
+    excluded = sensitivity["excluded_layers"] if sensitivity else []
+    export_checkpoints(model, checkpoint_dir, hf_fp8_dir, hf_dir, excluded)
 
     checkpoint_config = read_checkpoint_config(checkpoint_dir)
     tensors = load_file(checkpoint_dir / CHECKPOINT_WEIGHTS)
-    problems = config_mismatches(checkpoint_config, source_config, expected_quantization(recipe, excluded))
+    problems = config_mismatches(checkpoint_config, source_config,
+                                 expected_quantization(recipe, excluded, source_config))
     problems += checkpoint_tensor_problems(checkpoint_config, tensors)
-    problems += hf_export_mismatches(hf_fp8_dir, tensors, source_config.num_hidden_layers, recipe.quant_algo)
+    if hf_fp8_dir is not None:
+        problems += hf_export_mismatches(hf_fp8_dir, tensors, source_config.num_hidden_layers, recipe.quant_algo)
     if problems:
-        raise BuildError(f"the FP8 export ({recipe.name}) of {hf_dir} is inconsistent with the source model, "
+        raise BuildError(f"the export ({recipe.name}) of {hf_dir} is inconsistent with the source model, "
                          f"refused:\n  " + "\n  ".join(problems))
-    report = run_gate(CheckpointModel(checkpoint_dir, device=device), heldout_ids, reference, gate)
+    report = run_gate(CheckpointModel(checkpoint_dir, device=device), heldout_ids, reference, gate, stop_early)
     return report, sensitivity
+
+
+@contextlib.contextmanager
+def torch_threads_for_load(console: Console | None = None) -> Iterator[int]:
+    """torch's intra-op threads for the duration: every core on a quiet machine, one while the 1-minute load average
+    is at or above the core count. Measured here (2 cores, load ~11 from other builds): a 100-token SmolLM2 forward
+    took 8-12 s with 2 threads and 0.8-1.0 s with 1 (its OpenMP workers wait on each other's descheduled threads)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0]
+    threads = cores if load < cores else 1
+    previous = torch.get_num_threads()
+    if console is not None and threads != previous:
+        console.print(f"torch threads: {threads} (load average {load:.1f} on {cores} cores)")
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager

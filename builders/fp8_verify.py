@@ -1,11 +1,13 @@
-"""The FP8 accuracy gate: rebuild the model from an exported TensorRT-LLM checkpoint with real FP8 GEMMs and compare it
+"""The accuracy gate of the TensorRT-LLM path: rebuild the model from an exported TensorRT-LLM checkpoint and compare it
 with the unquantized model on held-out text.
 
-Every quantized linear layer runs as `torch._scaled_mm` on float8_e4m3fn operands (exact FP8 products, fp32
-accumulation): on CPU here, on tensor cores where CUDA is present. Two quantization algorithms of TensorRT-LLM are
-rebuilt: FP8 (one calibrated scale per weight and per activation tensor) and FP8_PER_CHANNEL_PER_TOKEN (a scale per
-weight row, activations scaled per token at run time). Linear layers the config's `exclude_modules` names stay in the
-checkpoint dtype. This module needs
+Every FP8 linear layer runs as `torch._scaled_mm` on float8_e4m3fn operands (exact FP8 products, fp32
+accumulation): on CPU here, on tensor cores where CUDA is present. Three quantization algorithms of TensorRT-LLM are
+rebuilt: FP8 (one calibrated scale per weight and per activation tensor), FP8_PER_CHANNEL_PER_TOKEN (a scale per
+weight row, activations scaled per token at run time) and W4A16_AWQ (4-bit weights in groups of `group_size` input
+channels with one scale per group and row, activations multiplied by the AWQ pre-quant scale; a weight-only format,
+so the GEMM runs in the checkpoint dtype on the dequantized weights, as TensorRT-LLM's W4A16 kernels do in their
+registers). Linear layers the config's `exclude_modules` names stay in the checkpoint dtype. This module needs
 only torch, safetensors and rich, so the same check runs on a bare GPU machine (benchmarks/gpu_check.py).
 """
 
@@ -37,11 +39,19 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 LAYER_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 PER_TENSOR = "FP8"
 PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
-QUANT_ALGOS = (PER_TENSOR, PER_CHANNEL_PER_TOKEN)  # quantization.quant_algo values the gate rebuilds
-# The scale tensors a quantized linear layer carries, per algorithm, and how many values each holds ("rows": one per
-# output channel).
-SCALE_TENSORS = {PER_TENSOR: {"weights_scaling_factor": 1, "activation_scaling_factor": 1},
-                 PER_CHANNEL_PER_TOKEN: {"per_channel_scale": "rows"}}
+W4A16_AWQ = "W4A16_AWQ"
+QUANT_ALGOS = (PER_TENSOR, PER_CHANNEL_PER_TOKEN, W4A16_AWQ)  # quantization.quant_algo values the gate rebuilds
+# The stored dtype of a quantized weight: FP8, or two signed 4-bit values packed per int8 (Model Optimizer's
+# pack_int4_in_uint8: rows 2j and 2j+1 of the [out, in] weight share byte row j, low nibble first).
+WEIGHT_DTYPES = {PER_TENSOR: FP8_DTYPE, PER_CHANNEL_PER_TOKEN: FP8_DTYPE, W4A16_AWQ: torch.int8}
+# The scale tensors a quantized linear layer carries, per algorithm: (dtypes allowed, shape). Shape entries: "out"
+# (output channels), "in" (input channels), "groups" (input channels / quantization.group_size).
+SCALE_TENSORS = {PER_TENSOR: {"weights_scaling_factor": ((torch.float32,), ()),
+                              "activation_scaling_factor": ((torch.float32,), ())},
+                 PER_CHANNEL_PER_TOKEN: {"per_channel_scale": ((torch.float32,), ("out",))},
+                 W4A16_AWQ: {"weights_scaling_factor": ((torch.float32,), ("out", "groups")),
+                             # multiplies the activations in the checkpoint dtype
+                             "prequant_scaling_factor": ((torch.bfloat16, torch.float16, torch.float32), ("in",))}}
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -93,6 +103,28 @@ class Fp8RowwiseLinear:
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The signed 4-bit values [out, in] (int8 in -8..7) of a weight packed as [out / 2, in] int8."""
+    low = packed.to(torch.int16) & 0x0F
+    high = (packed.to(torch.int16) >> 4) & 0x0F
+    values = torch.stack([low, high], dim=1).reshape(-1, packed.shape[-1])  # row 2j: low nibble, 2j+1: high
+    return (values - 16 * (values > 7)).to(torch.int8)
+
+
+class Int4AwqLinear:
+    """y = (x * pre_quant_scale) W^T with W = int4 * group scale (W4A16_AWQ), dequantized once at load."""
+
+    def __init__(self, packed_weight: torch.Tensor, group_scales: torch.Tensor, pre_quant_scale: torch.Tensor,
+                 group_size: int, dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
+        scales = group_scales.float().repeat_interleave(group_size, dim=1)  # [out, in]
+        self.weight = (unpack_int4(packed_weight).float() * scales).to(dtype)
+        self.pre_quant_scale = pre_quant_scale.to(dtype)
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x * self.pre_quant_scale, self.weight, self.bias)
+
+
 class PlainLinear:
     """An unquantized linear layer (lm_head and anything the quantization config excluded)."""
 
@@ -104,7 +136,7 @@ class PlainLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-Linear = Fp8Linear | Fp8RowwiseLinear | PlainLinear
+Linear = Fp8Linear | Fp8RowwiseLinear | Int4AwqLinear | PlainLinear
 
 
 @dataclass
@@ -146,11 +178,13 @@ def quantized_linears(config: dict) -> list[str]:
 
 def checkpoint_tensor_problems(config: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
     """What is wrong with the tensors of a checkpoint against its quantization config: a quantized linear layer must
-    hold a float8_e4m3fn weight and its algorithm's scales (positive finite fp32, one value or one per output row), a
-    layer exclude_modules names must be unquantized (no FP8 weight, no scales), and an FP8 KV cache needs its scales."""
+    hold its algorithm's weight (float8_e4m3fn, or packed int4 [out / 2, in]) and scales (positive, finite, of the
+    algorithm's dtype and shape), a layer exclude_modules names must be unquantized (no quantized weight, no scales),
+    and an FP8 KV cache needs its scales."""
     quant = config.get("quantization") or {}
     algo = quant.get("quant_algo")
     quantized = set(quantized_linears(config))
+    stored_dtypes = set(WEIGHT_DTYPES.values())
     problems = []
     for layer in range(config["num_hidden_layers"]):
         for linear in LAYER_LINEARS:
@@ -159,33 +193,54 @@ def checkpoint_tensor_problems(config: dict, tensors: dict[str, torch.Tensor]) -
             if weight is None:
                 problems.append(f"{name}.weight is missing")
             elif name in quantized:
-                if weight.dtype != FP8_DTYPE:
-                    problems.append(f"{name}.weight is {weight.dtype}, expected {FP8_DTYPE}")
-                for scale, count in SCALE_TENSORS[algo].items():
-                    rows = weight.shape[0] if count == "rows" else count
-                    problems += _scale_problems(f"{name}.{scale}", tensors.get(f"{name}.{scale}"), rows)
+                problems += _quantized_linear_problems(name, weight, tensors, algo, quant.get("group_size"))
             else:
-                if weight.dtype == FP8_DTYPE:
-                    problems.append(f"{name}.weight is {FP8_DTYPE} but the config does not quantize it "
-                                    f"(quant_algo {algo!r}, exclude_modules {quant.get('exclude_modules')})")
+                if weight.dtype in stored_dtypes:
+                    problems.append(f"{name}.weight is {weight.dtype} (quantized) but the config does not quantize "
+                                    f"it (quant_algo {algo!r}, exclude_modules {quant.get('exclude_modules')})")
                 problems += [f"{name}.{scale} is present but the config does not quantize {name}"
                              for scales in SCALE_TENSORS.values() for scale in scales if f"{name}.{scale}" in tensors]
     lm_head = tensors.get("lm_head.weight")
-    if lm_head is not None and lm_head.dtype == FP8_DTYPE:
-        problems.append("lm_head.weight is FP8; the gate rebuilds an unquantized lm_head only (exclude_modules)")
+    if lm_head is not None and lm_head.dtype in stored_dtypes:
+        problems.append(f"lm_head.weight is {lm_head.dtype}; the gate rebuilds an unquantized lm_head only "
+                        f"(exclude_modules)")
     if quant.get("kv_cache_quant_algo") == "FP8":
         for layer in range(config["num_hidden_layers"]):
             name = f"transformer.layers.{layer}.attention.kv_cache_scaling_factor"
-            problems += _scale_problems(name, tensors.get(name), 1)
+            problems += _scale_problems(name, tensors.get(name), (torch.float32,), (1,))
     return problems
 
 
-def _scale_problems(name: str, scale: torch.Tensor | None, count: int) -> list[str]:
+def _quantized_linear_problems(name: str, weight: torch.Tensor, tensors: dict[str, torch.Tensor], algo: str,
+                               group_size: int | None) -> list[str]:
+    expected_dtype = WEIGHT_DTYPES[algo]
+    if weight.dtype != expected_dtype:
+        return [f"{name}.weight is {weight.dtype}, expected {expected_dtype}"]
+    out_channels, in_channels = weight.shape
+    if algo == W4A16_AWQ:
+        out_channels *= 2  # two 4-bit rows per stored row
+        if not isinstance(group_size, int) or group_size <= 0 or in_channels % group_size:
+            return [f"{name}: quantization.group_size = {group_size!r} does not divide its {in_channels} input "
+                    f"channels"]
+    sizes = {"out": out_channels, "in": in_channels, "groups": in_channels // (group_size or 1)}
+    problems = []
+    for scale, (dtypes, shape) in SCALE_TENSORS[algo].items():
+        problems += _scale_problems(f"{name}.{scale}", tensors.get(f"{name}.{scale}"), dtypes,
+                                    tuple(sizes[axis] for axis in shape))
+    return problems
+
+
+def _scale_problems(name: str, scale: torch.Tensor | None, dtypes: tuple[torch.dtype, ...],
+                    shape: tuple[int, ...]) -> list[str]:
     if scale is None:
         return [f"{name} is missing"]
-    if scale.dtype != torch.float32 or scale.numel() != count:
-        return [f"{name} is {scale.dtype} with {scale.numel()} values, expected {count} float32"]
-    bad = scale[~(torch.isfinite(scale) & (scale > 0))]
+    count = math.prod(shape)
+    # Axes of size 1 may be present or not ([] or [1], [out] or [out, 1]); the others must match in order.
+    shape_ok = [d for d in scale.shape if d != 1] == [d for d in shape if d != 1]
+    if scale.dtype not in dtypes or not shape_ok or scale.numel() != count:
+        return [f"{name} is {scale.dtype} {list(scale.shape)}, expected {' or '.join(map(str, dtypes))} "
+                f"{list(shape)}"]
+    bad = scale[~(torch.isfinite(scale.float()) & (scale > 0))]
     if bad.numel():
         return [f"{name} = {bad[0].item()}, expected positive finite numbers"]
     return []
@@ -209,6 +264,7 @@ class CheckpointModel:
             raise BuildError(f"{self.checkpoint_dir / CHECKPOINT_WEIGHTS}: " + "; ".join(problems))
         quant = config.get("quantization") or {}
         self.quant_algo = quant.get("quant_algo")
+        self.group_size = quant.get("group_size")
         self.kv_cache_quant_algo = quant.get("kv_cache_quant_algo")
         self.exclude_modules = list(quant.get("exclude_modules") or [])
         quantized = set(quantized_linears(config))
@@ -223,6 +279,10 @@ class CheckpointModel:
             if name not in quantized:
                 return PlainLinear(plain(f"{name}.weight"), bias)
             weight = tensors[f"{name}.weight"].to(self.device)
+            if self.quant_algo == W4A16_AWQ:
+                return Int4AwqLinear(weight, tensors[f"{name}.weights_scaling_factor"].to(self.device),
+                                     tensors[f"{name}.prequant_scaling_factor"].to(self.device), self.group_size,
+                                     self.compute_dtype, bias)
             if self.quant_algo == PER_CHANNEL_PER_TOKEN:
                 return Fp8RowwiseLinear(weight, tensors[f"{name}.per_channel_scale"].to(self.device), bias)
             return Fp8Linear(weight, tensors[f"{name}.weights_scaling_factor"].to(self.device),
@@ -388,6 +448,7 @@ class GateReport:
     gemm: str
     compute_dtype: str
     seconds: float
+    stopped_early: bool = False  # scoring stopped once the failures below were proven (sequences/tokens: scored)
     extra: dict = field(default_factory=dict)  # context from the caller (source model, reference dtype, ...)
 
     def to_dict(self) -> dict:
@@ -399,7 +460,8 @@ class GateReport:
 
     def table(self) -> Table:
         verdict = "[green]PASSED[/]" if self.passed else "[bold red]FAILED[/]"
-        table = Table(title=f"FP8 accuracy gate: {verdict}", title_justify="left")
+        early = " (stopped early: cannot pass)" if self.stopped_early else ""
+        table = Table(title=f"accuracy gate: {verdict}{early}", title_justify="left")
         table.add_column("check")
         table.add_column("measured", justify="right")
         table.add_column("required", justify="right")
@@ -410,12 +472,13 @@ class GateReport:
                       f">= {self.thresholds.min_top1_agreement:.2%}", _mark(agreement_ok))
         table.add_row("perplexity increase", f"{self.perplexity_increase:+.2%}",
                       f"<= {self.thresholds.max_perplexity_increase:+.2%}", _mark(increase_ok))
-        table.add_row("perplexity (reference -> FP8)", f"{self.reference_perplexity:.3f} -> {self.fp8_perplexity:.3f}",
+        table.add_row("perplexity (reference -> quantized)",
+                      f"{self.reference_perplexity:.3f} -> {self.fp8_perplexity:.3f}",
                       "", "")
         table.add_row("held-out sequences / tokens", f"{self.sequences} / {self.tokens}", "", "")
         table.add_row("quantization (GEMM / KV cache)", f"{self.quant_algo} / {self.kv_cache_quant_algo}", "", "")
         table.add_row("unquantized (exclude_modules)", _short_list(self.exclude_modules), "", "")
-        table.add_row("FP8 GEMMs", f"{self.gemm}, {self.compute_dtype}", "", "")
+        table.add_row("GEMMs", f"{self.gemm}, {self.compute_dtype}", "", "")
         return table
 
 
@@ -441,23 +504,59 @@ def compare_scores(scores: TokenScores, reference: TokenScores,
     return agreement, increase, failures
 
 
+def unreachable(scores: TokenScores, reference: TokenScores, thresholds: GateThresholds) -> list[str]:
+    """Why the gate must fail whatever the sequences not scored yet give, from the first len(scores.top1) held-out
+    sequences' scores ([] while it can still pass): even if every remaining position agreed, the agreement stays
+    below the minimum; even at zero loss on the remaining positions, the perplexity is above the maximum."""
+    total, scored = reference.tokens, scores.tokens
+    agreed = sum(int((a == b).sum()) for a, b in zip(scores.top1, reference.top1))
+    best_agreement = (agreed + total - scored) / total
+    least_perplexity = math.exp(torch.cat(scores.nll).double().sum().item() / total)
+    least_increase = least_perplexity / reference.perplexity() - 1.0
+    where = f"after {len(scores.top1)} of {len(reference.top1)} held-out sequences ({scored} of {total} tokens)"
+    reasons = []
+    if best_agreement < thresholds.min_top1_agreement:
+        reasons.append(f"greedy top-1 agreement can reach at most {best_agreement:.2%} < "
+                       f"{thresholds.min_top1_agreement:.2%} ({agreed} of {scored} agreed {where})")
+    if least_increase > thresholds.max_perplexity_increase:
+        reasons.append(f"perplexity increase is at least {least_increase:+.2%} > "
+                       f"{thresholds.max_perplexity_increase:+.2%} ({where})")
+    return reasons
+
+
 def run_gate(model: CheckpointModel, sequences: Sequence[torch.Tensor], reference: TokenScores,
-             thresholds: GateThresholds) -> GateReport:
-    """Score the rebuilt FP8 model on the held-out sequences and compare with the reference model's scores."""
+             thresholds: GateThresholds, stop_early: bool = False) -> GateReport:
+    """Score the rebuilt model on the held-out sequences and compare with the reference model's scores. With
+    `stop_early`, scoring stops as soon as the checkpoint provably cannot pass (`unreachable`); the report's failures
+    then give that proof, and its measures cover the sequences scored."""
     thresholds.validate()
     if len(sequences) != len(reference.top1) or any(len(s) - 1 != len(r) for s, r in zip(sequences, reference.top1)):
         raise BuildError("the reference scores do not belong to these held-out sequences (counts or lengths differ)")
     started = time.perf_counter()
-    scores = score_sequences(model.logits, sequences)
-    agreement, increase, failures = compare_scores(scores, reference, thresholds)
-    reference_ppl, fp8_ppl = reference.perplexity(), scores.perplexity()
+    scores, proof = TokenScores([], []), []
+    for ids in sequences:
+        one = score_sequences(model.logits, [ids])
+        scores = TokenScores(scores.top1 + one.top1, scores.nll + one.nll)
+        if stop_early and (proof := unreachable(scores, reference, thresholds)):
+            break
+    scored = TokenScores(reference.top1[:len(scores.top1)], reference.nll[:len(scores.top1)])
+    agreement, increase, failures = compare_scores(scores, scored, thresholds)
+    reference_ppl, fp8_ppl = scored.perplexity(), scores.perplexity()
     return GateReport(
-        passed=not failures, failures=failures, top1_agreement=agreement, reference_perplexity=reference_ppl,
-        fp8_perplexity=fp8_ppl, perplexity_increase=increase, sequences=len(sequences), tokens=scores.tokens,
-        thresholds=thresholds, checkpoint=str(model.checkpoint_dir), quant_algo=model.quant_algo,
+        passed=not failures and not proof, failures=proof or failures, top1_agreement=agreement,
+        reference_perplexity=reference_ppl, fp8_perplexity=fp8_ppl, perplexity_increase=increase,
+        sequences=len(scores.top1), tokens=scores.tokens, thresholds=thresholds,
+        checkpoint=str(model.checkpoint_dir), quant_algo=model.quant_algo,
         kv_cache_quant_algo=model.kv_cache_quant_algo, exclude_modules=model.exclude_modules,
-        gemm=f"torch._scaled_mm float8_e4m3fn on {_device_name(model.device)}",
-        compute_dtype=str(model.compute_dtype).removeprefix("torch."), seconds=time.perf_counter() - started)
+        gemm=_gemm_description(model), compute_dtype=str(model.compute_dtype).removeprefix("torch."),
+        seconds=time.perf_counter() - started, stopped_early=bool(proof))
+
+
+def _gemm_description(model: CheckpointModel) -> str:
+    if model.quant_algo == W4A16_AWQ:
+        return (f"int4 weights (groups of {model.group_size}) dequantized to {model.compute_dtype}, pre-quant "
+                f"scaled activations, on {_device_name(model.device)}")
+    return f"torch._scaled_mm float8_e4m3fn on {_device_name(model.device)}"
 
 
 def _device_name(device: torch.device) -> str:

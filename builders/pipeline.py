@@ -75,15 +75,19 @@ class BuildResult:
 
 def build(model: str | Path | None = None, out_dir: Path | None = None, precision: str = "fp32",
           console: Any = None, engine: EngineSettings | None = None, cache: CacheSettings | None = None,
-          **repository_overrides: Any) -> BuildResult:
+          calibration_file: Path | None = None, **repository_overrides: Any) -> BuildResult:
     """Build `model` (None: the bundled SmolLM2 GGUF; a .gguf file; an HF folder) for the ONNX Runtime engine.
 
     `engine` / `cache` / `repository_overrides` (other RepositorySettings fields, e.g. served_model_name) shape the
-    rendered repository; `engine.precision` must equal `precision`. `console` (a rich Console) shows one progress
-    line per step; None builds quietly. Raises BuildError (or SettingsError for out-of-range settings).
+    rendered repository; `engine.precision` must equal `precision`. `calibration_file`: the prompts int4's AWQ
+    scales are calibrated on (JSONL, e.g. captured traffic; default: the bundled calibration prompts). `console` (a
+    rich Console) shows one progress line per step; None builds quietly. Raises BuildError (or SettingsError for out-of-range settings).
     """
     if precision not in GRAPH_PRECISIONS:
         raise BuildError(f"precision = {precision!r} is not supported; allowed: {', '.join(GRAPH_PRECISIONS)}")
+    if calibration_file is not None and precision != "int4":
+        raise BuildError(f"a calibration file is used by precision int4 (AWQ) only; precision {precision} "
+                         f"calibrates nothing")
     engine = engine or EngineSettings(precision=precision)
     if engine.kind != "onnxruntime" or engine.precision != precision:
         raise BuildError(f"this pipeline builds the onnxruntime engine in {precision}; got engine kind "
@@ -117,7 +121,8 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
                 cache, calibration = resolve_threshold(cache, embedder_dir)
         settings = RepositorySettings(tokenizer_dir=hf_dir, onnx_dir=None, embedder_dir=embedder_dir,
                                       engine=engine, cache=cache, **repository_overrides)
-        build_key = _hash(_export_key(source_key, precision), _settings_fingerprint(settings),
+        calibration_key = _calibration_key(calibration_file)
+        build_key = _hash(_export_key(source_key, precision, calibration_key), _settings_fingerprint(settings),
                           _code_version(RENDER_CODE), _templates_version(),
                           content_key(embedder_dir) if embedder_dir else "no embedder")
         layout = _Layout(Path(out_dir) if out_dir is not None else root / f"build-{build_key[:16]}", precision)
@@ -127,7 +132,7 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
             return finished
 
         with step(f"ONNX graph + gate ({precision})") as note:
-            decoder_dir = _decoder_artifact(hf_dir, source_key, precision, root, note)
+            decoder_dir = _decoder_artifact(hf_dir, source_key, precision, root, note, calibration_file)
         with step("Triton model repository"):
             result = _assemble(layout, hf_dir, decoder_dir, embedder_dir, settings, build_key, calibration)
     return result
@@ -185,20 +190,27 @@ def _assemble(layout: _Layout, hf_dir: Path, decoder_dir: Path, embedder_dir: Pa
     return layout.result(key, cached=False)
 
 
-def _export_key(source_key: str, precision: str) -> str:
-    return _hash(source_key, precision, _code_version(EXPORT_CODE), _library_versions())
+def _calibration_key(calibration_file: Path | None) -> str:
+    return content_key(Path(calibration_file)) if calibration_file is not None else "bundled"
+
+
+def _export_key(source_key: str, precision: str, calibration_key: str = "bundled") -> str:
+    # The bundled calibration keeps the key it always had, so existing cached graphs stay valid.
+    extra = () if calibration_key == "bundled" else (calibration_key,)
+    return _hash(source_key, precision, *extra, _code_version(EXPORT_CODE), _library_versions())
 
 
 def _decoder_artifact(hf_dir: Path, source_key: str, precision: str, root: Path,
-                      note: Callable[[str], None]) -> Path:
+                      note: Callable[[str], None], calibration_file: Path | None = None) -> Path:
     """The gated decoder graph for `precision` (a quantized one is gated against the gated fp32 graph)."""
-    target = root / f"decoder-{precision}-{_export_key(source_key, precision)[:16]}"
+    calibration_key = _calibration_key(calibration_file)
+    target = root / f"decoder-{precision}-{_export_key(source_key, precision, calibration_key)[:16]}"
     if (target / GATE_FILE).is_file():
         return target
     fp32_dir = None if precision == "fp32" else _decoder_artifact(hf_dir, source_key, "fp32", root, note)
     with atomic_dir(target, replace=False) as candidate:  # another build that published this key first wins
         note(f"building the {precision} graph")
-        write_decoder(hf_dir, candidate, precision)
+        write_decoder(hf_dir, candidate, precision, calibration_file)
         if fp32_dir is None:
             note("parity with torch fp32")
             gate = json.loads(check_parity(hf_dir, candidate, batch=4, decode_steps=3,

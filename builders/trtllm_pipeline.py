@@ -1,4 +1,5 @@
-"""`tritonllm build --engine trtllm --quant fp8`: source -> FP8 calibration + export + gate -> trtllm-build -> repository.
+"""`tritonllm build --engine trtllm --quant fp8|int4_awq`: source -> calibration + export + gate (recipe search) ->
+trtllm-build -> repository.
 
 Steps 1-3 (builders.fp8) run anywhere, CPU included. Step 4 needs TensorRT-LLM (NGC `tritonserver:<yy.mm>-trtllm-
 python-py3`); where it is absent the build stops after the gate with `TensorRTLLMUnavailable`, whose message says how
@@ -32,14 +33,16 @@ class TrtllmBuildResult:
 
 def build_trtllm(model: str | Path | None, out_dir: Path | None, calib_file: Path | None, calib_size: int,
                  kv_cache_fp8: bool | None, engine: EngineSettings, gate: GateThresholds = GateThresholds(),
-                 served_engine_dir: str | None = None, console: Console | None = None) -> TrtllmBuildResult:
-    """`served_engine_dir`: the engine folder as tritonserver will see it (a container path); default: where it is
-    built here."""
+                 served_engine_dir: str | None = None, console: Console | None = None,
+                 quant: str = "fp8") -> TrtllmBuildResult:
+    """`quant`: fp8 or int4_awq (builders.fp8.QUANTS). `served_engine_dir`: the engine folder as tritonserver will
+    see it (a container path); default: where it is built here."""
     console = console or Console(stderr=True)
     hf_dir = prepare_hf_model(model, cache_dir(), progress=console.print)
-    out_dir = Path(out_dir) if out_dir else cache_dir() / f"trtllm-{content_key(hf_dir)[:16]}"
-    fp8 = build_fp8(hf_dir, out_dir / "fp8", calib_file, calib_size, kv_cache_fp8, gate, console)
-    console.print(f"[green]FP8 recipe {fp8.report.extra['recipe']} passed the gate[/]: {fp8.checkpoint_dir} "
+    out_dir = Path(out_dir) if out_dir else cache_dir() / f"trtllm-{quant}-{content_key(hf_dir)[:16]}"
+    fp8 = build_fp8(hf_dir, out_dir / quant, calib_file, calib_size, kv_cache_fp8, gate, console, quant=quant,
+                    reference_cache=cache_dir() / "reference-scores")
+    console.print(f"[green]recipe {fp8.report.extra['recipe']} passed the gate[/]: {fp8.checkpoint_dir} "
                   f"(report {fp8.report_path})")
     engine_dir = build_engine(fp8.checkpoint_dir, out_dir / "engine", engine)  # TensorRTLLMUnavailable stops here
     settings = RepositorySettings(tokenizer_dir=hf_dir, trtllm_engine_dir=served_engine_dir or str(engine_dir),

@@ -43,6 +43,7 @@ from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.sampling import SamplingParams
 from tritonllm.python_backends.semantic_cache import Autosaver, CacheKey, CacheStats, SemanticCache, SnapshotLoad
 from tritonllm.python_backends.shared_cache import RedisCacheSync
+from tritonllm.python_backends.traffic_capture import TrafficCapture
 
 # Input name -> numpy dtype, from the contract: what the ensemble takes, and what the front model takes.
 ENSEMBLE_INPUTS: dict[str, np.dtype] = {tensor.name: np.dtype(tensor.numpy_dtype)
@@ -84,9 +85,11 @@ class Front:
 
     def __init__(self, cache: SemanticCache | None, model: str, keeper: Autosaver | RedisCacheSync | None = None,
                  on_lookup: Callable[[float], None] = lambda seconds: None,
-                 forwarded_inputs: Iterable[str] = tuple(ENSEMBLE_INPUTS)) -> None:
+                 forwarded_inputs: Iterable[str] = tuple(ENSEMBLE_INPUTS),
+                 capture: TrafficCapture | None = None) -> None:
         self.cache, self.model, self.keeper, self.on_lookup = cache, model, keeper, on_lookup
         self.forwarded_inputs = frozenset(forwarded_inputs)  # the inputs the called ensemble offers
+        self.capture = capture  # None: served prompts are not recorded (the default)
 
     def parse(self, arrays: Mapping[str, np.ndarray]) -> FrontRequest:
         """Request from input arrays (batch dim first, batch 1); raises InvalidArgument naming the bad input."""
@@ -119,6 +122,8 @@ class Front:
                                               top_p=values["top_p"]).greedy
         key = CacheKey(_text(arrays, "tenant", ""), self.model, params, sampled=not greedy and values["seed"] is None)
         ensemble_inputs = {name: array for name, array in arrays.items() if name in self.forwarded_inputs}
+        if self.capture is not None:  # a parsed, valid request: what the engine would be calibrated for
+            self.capture.record(key.tenant, prompt, chat=bool(values["apply_chat_template"]))
         return FrontRequest(prompt, stream, mode, key, ensemble_inputs)
 
     def serve(self, request: FrontRequest, generate: Callable[[], Iterable[bytes]], send: Callable[[Reply], None],
@@ -183,17 +188,19 @@ def build_front(parameters: Mapping[str, str], version_dir: Path,
     model = required_parameter(parameters, CALLED_MODEL_PARAMETER, "llm")
     forwarded = [name for name in required_parameter(parameters, FORWARDED_INPUTS_PARAMETER, "llm").split(",")
                  if name in ENSEMBLE_INPUTS]
+    capture = TrafficCapture(settings, version_dir) if settings.capture_dir else None
     if not settings.enabled:
-        return Front(None, model, on_lookup=on_lookup, forwarded_inputs=forwarded), SnapshotLoad(0, None)
+        front = Front(None, model, on_lookup=on_lookup, forwarded_inputs=forwarded, capture=capture)
+        return front, SnapshotLoad(0, None)
     embedder = Embedder(version_dir / required_parameter(parameters, "embedder_path", "llm"))
     cache = SemanticCache(settings, embedder.embed_one, embedder.dimension, embedder.identity)
     if settings.redis_url:
         shared = RedisCacheSync(cache, settings.redis_url, on_cache_change)
-        return Front(cache, model, shared, on_lookup, forwarded), shared.loaded
+        return Front(cache, model, shared, on_lookup, forwarded, capture), shared.loaded
     snapshot = version_dir / (settings.persist_path or DEFAULT_SNAPSHOT_FILE)  # an absolute persist_path wins
     loaded = cache.load_snapshot(snapshot)
     autosaver = Autosaver(cache, snapshot, settings.snapshot_interval_seconds)
-    return Front(cache, model, autosaver, on_lookup, forwarded), loaded
+    return Front(cache, model, autosaver, on_lookup, forwarded, capture), loaded
 
 
 def answer_pieces(answer: bytes, stream: bool) -> list[bytes]:

@@ -138,3 +138,35 @@ def tiny_onnx(tmp_path_factory) -> Path:
     from support import export_tiny_llama
 
     return export_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama (hidden 64, 2 layers, 4 heads / 2 KV heads) with SmolLM2's tokenizer, for the
+    TensorRT-LLM quantization tests (tests/test_fp8.py, tests/test_int4_awq.py)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tritonllm.builders.source import prepare_hf_model
+    from tritonllm.paths import cache_dir
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(prepare_hf_model(None, cache_dir()))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         architectures=["LlamaForCausalLM"])
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def heldout_ids(tiny_llama_dir) -> list:
+    """The first 12 held-out prompts of the accuracy gate, tokenized for tiny_llama_dir."""
+    from tritonllm.builders.fp8 import HELDOUT_FILE, load_prompts, tokenize_prompts
+    from transformers import AutoTokenizer
+
+    return tokenize_prompts(AutoTokenizer.from_pretrained(tiny_llama_dir), load_prompts(HELDOUT_FILE)[:12])

@@ -28,34 +28,6 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A saved tiny random Llama (hidden 64, 2 layers, 4 heads / 2 KV heads) with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tritonllm.builders.source import prepare_hf_model
-    from tritonllm.paths import cache_dir
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(prepare_hf_model(None, cache_dir()))
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048,
-                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         architectures=["LlamaForCausalLM"])
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def heldout_ids(tiny_llama_dir) -> list[torch.Tensor]:
-    from transformers import AutoTokenizer
-
-    return tokenize_prompts(AutoTokenizer.from_pretrained(tiny_llama_dir), load_prompts(HELDOUT_FILE)[:12])
-
-
-@pytest.fixture(scope="module")
 def exported(tiny_llama_dir, heldout_ids, tmp_path_factory):
     """Calibrated (FP8 weights, activations and KV cache) and exported once; also the simulated-quantization model
     (Model Optimizer's fake quantization, in float32) with every quantized linear layer's input and output captured."""
@@ -122,7 +94,7 @@ def test_exported_config_is_checked_against_the_source(exported, tiny_llama_dir)
     source = AutoConfig.from_pretrained(tiny_llama_dir)
     config = json.loads((out / CHECKPOINT_DIR / "config.json").read_text())
     assert config["rotary_base"] == source.rope_theta == 100000.0
-    with_kv, without_kv = (expected_quantization(RECIPES[index], []) for index in (0, 1))
+    with_kv, without_kv = (expected_quantization(RECIPES["fp8"][index], []) for index in (0, 1))
     assert config_mismatches(config, source, with_kv) == []
 
     assert config_mismatches(config, source, without_kv) == [
@@ -225,7 +197,7 @@ def test_build_fp8_publishes_only_a_passing_build(tiny_llama_dir, tmp_path):
     rejected_out = tmp_path / "fp8-strict"
     impossible = GateThresholds(min_top1_agreement=1.0, max_perplexity_increase=0.0)
     # Two recipes keep the test short; the rowwise one's structure is checked on its own below.
-    with pytest.raises(BuildError, match="no FP8 recipe passed the accuracy gate .*fp8-per-tensor: .*fp8-mixed: "):
+    with pytest.raises(BuildError, match="no fp8 recipe passed the accuracy gate .*fp8-per-tensor: .*fp8-mixed: "):
         build_fp8(tiny_llama_dir, rejected_out, calib, 8, kv_cache_fp8=False, gate=impossible,
                   recipes=select_recipes(False, ["fp8-per-tensor", "fp8-mixed"]))
     assert not rejected_out.exists()
@@ -235,8 +207,8 @@ def test_build_fp8_publishes_only_a_passing_build(tiny_llama_dir, tmp_path):
     assert all(not a["passed"] and a["failures"] and 0 < a["top1_agreement"] <= 1 for a in refused["search"])
     mixed = refused["search"][1]
     assert [row["layer"] for row in mixed["sensitivity"]["scan"]] == [0, 1]
-    assert mixed["exclude_modules"] == expected_quantization(RECIPES[3], mixed["sensitivity"]["excluded_layers"])[
-        "exclude_modules"]
+    excluded = mixed["sensitivity"]["excluded_layers"]
+    assert mixed["exclude_modules"] == expected_quantization(RECIPES["fp8"][3], excluded)["exclude_modules"]
 
 
 def test_excluded_layers_stay_unquantized_and_configs_name_them_exactly(tiny_llama_dir, heldout_ids, tmp_path):
@@ -250,7 +222,7 @@ def test_excluded_layers_stay_unquantized_and_configs_name_them_exactly(tiny_lla
     export_checkpoints(model, tmp_path / CHECKPOINT_DIR, tmp_path / HF_FP8_DIR, tiny_llama_dir, excluded_layers=[1])
     config = json.loads((tmp_path / CHECKPOINT_DIR / "config.json").read_text())
     tensors = load_file(tmp_path / CHECKPOINT_DIR / "rank0.safetensors")
-    assert config["quantization"] == expected_quantization(RECIPES[2], [1]) == {
+    assert config["quantization"] == expected_quantization(RECIPES["fp8"][2], [1]) == {
         "quant_algo": "FP8", "kv_cache_quant_algo": "FP8",
         "exclude_modules": ["lm_head"] + [f"transformer.layers.1.{name}" for name in
                                           ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")]}
@@ -284,7 +256,7 @@ def test_rowwise_checkpoint_has_per_row_scales_and_matches_simulated_quantizatio
     export_checkpoints(model, tmp_path / CHECKPOINT_DIR, tmp_path / HF_FP8_DIR, tiny_llama_dir)
     config = json.loads((tmp_path / CHECKPOINT_DIR / "config.json").read_text())
     tensors = load_file(tmp_path / CHECKPOINT_DIR / "rank0.safetensors")
-    assert config["quantization"] == expected_quantization(RECIPES[5], [])
+    assert config["quantization"] == expected_quantization(RECIPES["fp8"][5], [])
     assert checkpoint_tensor_problems(config, tensors) == []
     assert hf_export_mismatches(tmp_path / HF_FP8_DIR, tensors, 2, "FP8_PER_CHANNEL_PER_TOKEN") == []
     scale = tensors["transformer.layers.0.attention.qkv.per_channel_scale"]
@@ -333,3 +305,85 @@ def test_shipped_prompt_sets_are_large_varied_and_disjoint():
 def test_gate_thresholds_are_validated(thresholds):
     with pytest.raises(BuildError, match="gate"):
         thresholds.validate()
+
+
+def test_gate_stops_early_only_once_it_cannot_pass(exported, heldout_ids, reference_scores, tmp_path):
+    out, _ = exported
+    model = CheckpointModel(out / CHECKPOINT_DIR)
+    full = run_gate(model, heldout_ids, reference_scores, GateThresholds())
+    early = run_gate(model, heldout_ids, reference_scores, GateThresholds(), stop_early=True)
+    assert early.passed and not early.stopped_early and early.tokens == full.tokens  # a passing build: all scored
+    assert early.top1_agreement == full.top1_agreement
+
+    damaged = shutil.copytree(out / CHECKPOINT_DIR, tmp_path / "damaged")
+    tensors = load_file(damaged / "rank0.safetensors")
+    for name in [n for n in tensors if n.endswith("weights_scaling_factor")]:
+        tensors[name] = tensors[name] * 100
+    save_file(tensors, damaged / "rank0.safetensors")
+    stopped = run_gate(CheckpointModel(damaged), heldout_ids, reference_scores, GateThresholds(), stop_early=True)
+    assert not stopped.passed and stopped.stopped_early and stopped.sequences < len(heldout_ids)
+    assert stopped.failures[0].startswith("greedy top-1 agreement can reach at most ")
+    assert f"of {len(heldout_ids)} held-out sequences" in stopped.failures[0]
+
+
+def test_unreachable_is_a_proof():
+    from tritonllm.builders.fp8_verify import TokenScores, unreachable
+
+    reference = TokenScores([torch.zeros(10, dtype=torch.long)] * 2, [torch.full((10,), 1.0, dtype=torch.float64)] * 2)
+    gate = GateThresholds(min_top1_agreement=0.9, max_perplexity_increase=0.05)
+    first_bad = TokenScores([torch.ones(10, dtype=torch.long)], [torch.full((10,), 1.0, dtype=torch.float64)])
+    assert unreachable(first_bad, reference, gate) == [  # 10 of 20 disagree: at most 50% even if the rest agree
+        "greedy top-1 agreement can reach at most 50.00% < 90.00% (0 of 10 agreed after 1 of 2 held-out sequences "
+        "(10 of 20 tokens))"]
+    # 5 disagreements of 20: the rest could still reach 90%? no: at most 75%. 1 disagreement: 95%, still possible.
+    one_off = torch.zeros(10, dtype=torch.long)
+    one_off[0] = 1
+    assert unreachable(TokenScores([one_off], [torch.full((10,), 1.0, dtype=torch.float64)]), reference, gate) == []
+    # Perplexity: the loss so far alone, with zero loss on the remaining tokens, exceeds +5%.
+    lossy = TokenScores([torch.zeros(10, dtype=torch.long)], [torch.full((10,), 2.2, dtype=torch.float64)])
+    assert unreachable(lossy, reference, gate)[0].startswith("perplexity increase is at least +10.52% > +5.00%")
+
+
+@pytest.mark.parametrize("quant_algo", ["FP8", "FP8_PER_CHANNEL_PER_TOKEN"])
+def test_calibration_is_the_same_with_the_kv_cache_quantizers_turned_off(tiny_llama_dir, heldout_ids, quant_algo):
+    """The search calibrates once per algo with the KV cache quantizers and turns them off for the recipes without
+    an FP8 KV cache: the other quantizers' state must equal a calibration without them."""
+    from transformers import AutoModelForCausalLM
+
+    from tritonllm.builders.fp8 import _disable_kv_cache_quantizers
+
+    def quantizer_state(kv_cache_fp8: bool) -> dict[str, torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+        calibrate_fp8(model, heldout_ids[:4], kv_cache_fp8, quant_algo)
+        if kv_cache_fp8:
+            _disable_kv_cache_quantizers(model)
+        return {name: tensor for name, tensor in model.state_dict().items() if "quantizer" in name
+                and "bmm_quantizer" not in name}, model
+
+    shared, shared_model = quantizer_state(True)
+    alone, alone_model = quantizer_state(False)
+    assert shared.keys() == alone.keys() and shared
+    assert all(torch.equal(shared[name], alone[name]) for name in shared)
+    with torch.no_grad():
+        ids = heldout_ids[0].unsqueeze(0)
+        assert torch.equal(shared_model(ids).logits, alone_model(ids).logits)
+
+
+def test_reference_scores_are_kept_in_the_cache(tiny_llama_dir, heldout_ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tritonllm.builders.fp8 import reference_scores as cached_scores
+
+    loads = []
+
+    def load():
+        loads.append(1)
+        return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+    first = cached_scores(load, tiny_llama_dir, [heldout_ids[:3], heldout_ids[3:5]], tmp_path)
+    again = cached_scores(load, tiny_llama_dir, [heldout_ids[:3], heldout_ids[3:5]], tmp_path)
+    other = cached_scores(load, tiny_llama_dir, [heldout_ids[:2], heldout_ids[3:5]], tmp_path)  # other ids: a miss
+    assert len(loads) == 2 and len(list(tmp_path.glob("reference-scores-*.safetensors"))) == 2
+    for computed, kept in zip(first, again):
+        assert all(torch.equal(a, b) for a, b in zip(computed.top1 + computed.nll, kept.top1 + kept.nll))
+    assert len(other[0].top1) == 2

@@ -142,6 +142,8 @@ BROKEN = {
                                              "llm/config.pbtxt", "parameters[redis_url]"),
     "front model's gRPC address not HOST:PORT": (edit("llm", set_parameter("ensemble_grpc_url", "localhost")),
                                                 "llm/config.pbtxt", "parameters[ensemble_grpc_url]"),
+    "traffic capture without a size bound": (edit("llm", set_parameter("capture_max_bytes", "0")),
+                                             "llm/config.pbtxt", "parameters[capture_max_bytes]"),
     "required step input left unmapped": (
         edit("ensemble", unmap_input("engine", "request_output_len")),
         "ensemble/config.pbtxt", "step[engine].input_map"),

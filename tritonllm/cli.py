@@ -44,7 +44,7 @@ def _choices(name: str, *values: str) -> type[enum.Enum]:
 
 Engine = _choices("Engine", "onnxruntime", "trtllm")
 Precision = _choices("Precision", *PRECISIONS)  # what the ONNX Runtime engine serves
-Quant = _choices("Quant", "fp8")
+Quant = _choices("Quant", "fp8", "int4_awq")  # builders.fp8.QUANTS (not imported here: it pulls in torch)
 KvCacheDtype = _choices("KvCacheDtype", "fp8", "bf16")
 Protocol = _choices("Protocol", "grpc", "http")
 Model = _choices("Model", "ensemble", "llm")
@@ -93,10 +93,13 @@ def build(
     out: Optional[Path] = typer.Option(None, help="output folder; default: a content-keyed folder in the cache"),
     precision: Precision = typer.Option(Precision.fp32, help="ONNX engine precision"),
     engine: Engine = typer.Option(Engine.onnxruntime, help="onnxruntime (any machine) or trtllm (NVIDIA GPU)"),
-    quant: Optional[Quant] = typer.Option(None, help="with --engine trtllm: fp8"),
+    quant: Optional[Quant] = typer.Option(
+        None, help="with --engine trtllm: fp8 or int4_awq (W4A16 AWQ; the ONNX engine's AWQ is --precision int4)"),
     kv_cache_dtype: Optional[KvCacheDtype] = typer.Option(
-        None, help="with --quant fp8: search only recipes with an fp8 (or bf16) KV cache; default: both"),
-    calib: Optional[Path] = typer.Option(None, help="calibration prompts (JSONL with a 'prompt' or 'text' field)"),
+        None, help="with --quant: search only recipes with an fp8 (or bf16) KV cache; default: both"),
+    calib: Optional[Path] = typer.Option(
+        None, help="calibration prompts (JSONL with a 'prompt' or 'text' field, e.g. a captured-traffic file): "
+        "--quant fp8|int4_awq, or --precision int4 (AWQ)"),
     calib_size: int = typer.Option(128, help="calibration prompts to use"),
     max_batch_size: int = typer.Option(16, help="sequences decoded together per engine step"),
     kv_cache_max_tokens: int = typer.Option(32768, help="KV cache budget in tokens over all running sequences"),
@@ -110,15 +113,20 @@ def build(
 
     if engine is Engine.onnxruntime and quant is not None:
         _usage_error("--quant", quant.value,
-                     f"nothing with --engine onnxruntime (it takes --precision {'|'.join(PRECISIONS)})")
-    if engine is Engine.trtllm and quant is not Quant.fp8:
-        _fail("--quant is required with --engine trtllm; allowed: fp8 (the only TensorRT-LLM quantization this "
-              "project gates)", USAGE_ERROR)
+                     f"nothing with --engine onnxruntime (it takes --precision {'|'.join(PRECISIONS)}; its int4 is "
+                     f"INT4 AWQ)")
+    if engine is Engine.trtllm and quant is None:
+        _fail("--quant is required with --engine trtllm; allowed: fp8, int4_awq (the TensorRT-LLM quantizations "
+              "this project gates)", USAGE_ERROR)
     try:
         if engine is Engine.onnxruntime:
             from tritonllm.builders.pipeline import build as build_onnx
 
+            if calib is not None and precision.value != "int4":
+                _usage_error("--calib", str(calib), "with --engine onnxruntime only together with --precision int4 "
+                             "(its AWQ scales are calibrated); fp32 and int8 calibrate nothing")
             result = build_onnx(model=model, out_dir=out, precision=precision.value, console=console,
+                                calibration_file=calib,
                                 engine=EngineSettings(precision=precision.value, max_batch_size=max_batch_size,
                                                       kv_cache_max_tokens=kv_cache_max_tokens))
             calibration = result.cache_calibration  # from the build report
@@ -136,7 +144,7 @@ def build(
                 result = build_trtllm(
                     model=model, out_dir=out, calib_file=calib, calib_size=calib_size,
                     kv_cache_fp8=None if kv_cache_dtype is None else kv_cache_dtype is KvCacheDtype.fp8,
-                    served_engine_dir=served_engine_dir,
+                    served_engine_dir=served_engine_dir, quant=quant.value,
                     gate=GateThresholds(min_top1_agreement=gate_min_agreement,
                                         max_perplexity_increase=gate_max_perplexity_increase),
                     engine=EngineSettings(kind="tensorrt_llm", max_batch_size=max_batch_size,

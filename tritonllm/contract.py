@@ -290,6 +290,13 @@ class CacheSettings:
     # cache shares (redis://host:port/db, rediss://..., unix:///path.sock); no snapshot then: Redis keeps the entries.
     # $TRITONLLM_CACHE_REDIS_URL, when set, wins (one rendered repository, a Redis per deployment).
     redis_url: str = ""
+    # Opt-in capture of served prompts for calibration (python_backends/traffic_capture.py): a folder (relative to the
+    # model's version folder, or absolute); empty (default): off. Per tenant at most capture_max_bytes and
+    # capture_max_lines, and at most capture_max_tenants tenants. The files hold prompts as users wrote them.
+    capture_dir: str = ""
+    capture_max_bytes: int = 1024 * 1024
+    capture_max_lines: int = 10_000
+    capture_max_tenants: int = 64
 
     def validate(self) -> None:
         _check(0.0 <= self.similarity_threshold <= 1.0, "cache.similarity_threshold", self.similarity_threshold,
@@ -303,6 +310,14 @@ class CacheSettings:
                self.snapshot_interval_seconds, "> 0")
         _check(_is_redis_url(self.redis_url), "cache.redis_url", self.redis_url,
                "empty (no shared cache), redis://host[:port][/db], rediss://host[:port][/db] or unix:///path")
+        _check(1 <= self.capture_max_bytes <= 1024 ** 3, "cache.capture_max_bytes", self.capture_max_bytes,
+               "1..1073741824 (bytes per tenant file)")
+        _check(1 <= self.capture_max_lines <= 10_000_000, "cache.capture_max_lines", self.capture_max_lines,
+               "1..10000000 (prompts per tenant file)")
+        _check(1 <= self.capture_max_tenants <= 10_000, "cache.capture_max_tenants", self.capture_max_tenants,
+               "1..10000")
+        _check("\0" not in self.capture_dir and "\n" not in self.capture_dir, "cache.capture_dir",
+               self.capture_dir, "empty (capture off) or a folder path")
 
 
 CACHE_REDIS_URL_ENVIRONMENT = "TRITONLLM_CACHE_REDIS_URL"  # overrides CacheSettings.redis_url in the front model
