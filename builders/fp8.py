@@ -225,10 +225,12 @@ def _length_sorted_batches(sequences: list[torch.Tensor], size: int) -> list[tup
 
 def _disable_kv_cache_quantizers(model: torch.nn.Module) -> None:
     """Turn a model calibrated with an FP8 KV cache into the same model without one (the other quantizers'
-    statistics come from the unquantized forward pass, so they do not depend on it)."""
-    import modelopt.torch.quantization as mtq
-
-    mtq.disable_quantizer(model, lambda name: name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")))
+    statistics come from the unquantized forward pass, so they do not depend on it). Their calibrated ranges go too:
+    the exports read a KV range as an FP8 KV cache."""
+    for name, module in model.named_modules():
+        if name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")):
+            module.disable()
+            module.reset_amax()
 
 
 def _is_linear_quantizer(name: str, layer: int | None = None) -> bool:

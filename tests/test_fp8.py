@@ -345,7 +345,8 @@ def test_unreachable_is_a_proof():
 
 
 @pytest.mark.parametrize("quant_algo", ["FP8", "FP8_PER_CHANNEL_PER_TOKEN"])
-def test_calibration_is_the_same_with_the_kv_cache_quantizers_turned_off(tiny_llama_dir, heldout_ids, quant_algo):
+def test_calibration_is_the_same_with_the_kv_cache_quantizers_turned_off(tiny_llama_dir, heldout_ids, quant_algo,
+                                                                           tmp_path):
     """The search calibrates once per algo with the KV cache quantizers and turns them off for the recipes without
     an FP8 KV cache: the other quantizers' state must equal a calibration without them."""
     from transformers import AutoModelForCausalLM
@@ -367,6 +368,11 @@ def test_calibration_is_the_same_with_the_kv_cache_quantizers_turned_off(tiny_ll
     with torch.no_grad():
         ids = heldout_ids[0].unsqueeze(0)
         assert torch.equal(shared_model(ids).logits, alone_model(ids).logits)
+    export_checkpoints(shared_model, tmp_path / CHECKPOINT_DIR, tmp_path / HF_FP8_DIR, tiny_llama_dir)
+    config = json.loads((tmp_path / CHECKPOINT_DIR / "config.json").read_text())
+    assert config["quantization"]["kv_cache_quant_algo"] is None  # no KV range left for the export to read
+    assert "transformer.layers.0.attention.kv_cache_scaling_factor" not in load_file(
+        tmp_path / CHECKPOINT_DIR / "rank0.safetensors")
 
 
 def test_reference_scores_are_kept_in_the_cache(tiny_llama_dir, heldout_ids, tmp_path):
