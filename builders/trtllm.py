@@ -1,4 +1,4 @@
-"""Building a TensorRT-LLM engine from the gated FP8 checkpoint with `trtllm-build`.
+"""Building a TensorRT-LLM engine from the gated (FP8 or INT4 AWQ) checkpoint with `trtllm-build`.
 
 TensorRT-LLM is detected without importing it (its import loads CUDA libraries): `trtllm-build` on PATH is what we
 run, and the `tensorrt_llm` package is looked up only to say precisely what is missing. Where it is absent (any
@@ -50,6 +50,7 @@ def trtllm_build_args(checkpoint_dir: Path, engine_dir: Path, settings: EngineSe
       rounded up to whole KV pages (prefill_chunk_tokens + max_batch_size). Prompts longer than that are prefilled
       in chunks, which needs paged context FMHA here and `enable_chunked_context` in the served model.
     - paged KV cache with paged context FMHA (also what KV cache reuse needs).
+    - W4A16_AWQ checkpoints: `--gemm_plugin auto` (groupwise int4 weight-only GEMMs, bf16 activations).
     - FP8 (per-tensor) checkpoints: the FP8 GEMM plugin; FP8_PER_CHANNEL_PER_TOKEN (rowwise) checkpoints leave the
       GEMM choice to trtllm-build (its rowwise FP8 GEMMs come with that quant mode; not yet run on a GPU here). With
       an FP8 KV cache also FP8 context FMHA (it reads FP8 K/V). Layers in exclude_modules stay bf16 either way.
@@ -73,6 +74,10 @@ def trtllm_build_args(checkpoint_dir: Path, engine_dir: Path, settings: EngineSe
     ]
     if quantization.get("quant_algo") == "FP8":
         args += ["--gemm_plugin", "fp8"]
+    elif quantization.get("quant_algo") == "W4A16_AWQ":
+        # bf16 activations; the groupwise int4 weight-only GEMM plugin comes with the AWQ checkpoint itself
+        # (TensorRT-LLM's examples/llama: `--gemm_plugin auto` for INT4 AWQ). Not yet run on a GPU here.
+        args += ["--gemm_plugin", "auto"]
     if quantization.get("kv_cache_quant_algo") == "FP8":
         args += ["--use_fp8_context_fmha", "enable"]
     return args

@@ -54,6 +54,9 @@ def test_build_args_follow_the_engine_settings(tmp_path):
 
 @pytest.mark.parametrize("quant_algo, kv_cache_quant_algo, gemm_plugin, fp8_fmha", [
     ("FP8", None, "fp8", None),
+    ("FP8", "FP8", "fp8", "enable"),
+    ("W4A16_AWQ", "FP8", "auto", "enable"),
+    ("W4A16_AWQ", None, "auto", None),
     (None, None, None, None),
 ])
 def test_fp8_options_follow_the_checkpoint_quantization(tmp_path, quant_algo, kv_cache_quant_algo, gemm_plugin,
