@@ -309,11 +309,10 @@ def test_gate_thresholds_are_validated(thresholds):
 
 def test_gate_stops_early_only_once_it_cannot_pass(exported, heldout_ids, reference_scores, tmp_path):
     out, _ = exported
-    model = CheckpointModel(out / CHECKPOINT_DIR)
-    full = run_gate(model, heldout_ids, reference_scores, GateThresholds())
-    early = run_gate(model, heldout_ids, reference_scores, GateThresholds(), stop_early=True)
-    assert early.passed and not early.stopped_early and early.tokens == full.tokens  # a passing build: all scored
-    assert early.top1_agreement == full.top1_agreement
+    early = run_gate(CheckpointModel(out / CHECKPOINT_DIR), heldout_ids, reference_scores, GateThresholds(),
+                     stop_early=True)
+    # A passing build is scored on every held-out token.
+    assert early.passed and not early.stopped_early and early.tokens == sum(len(ids) - 1 for ids in heldout_ids)
 
     damaged = shutil.copytree(out / CHECKPOINT_DIR, tmp_path / "damaged")
     tensors = load_file(damaged / "rank0.safetensors")
