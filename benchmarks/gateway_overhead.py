@@ -1,10 +1,15 @@
 """What the OpenAI gateway adds to a request and to each token, against the native ensemble over gRPC.
 
-One tritonserver and one gateway (in this process, as `tritonllm serve --gateway-port` runs it) on 127.0.0.1; the
-same prompts go to the ensemble over gRPC streaming (`client.peers.TritonStream`) and to the gateway's
-`/v1/completions` over SSE (`client.peers.OpenAICompletionsStream`), output length forced (`min_tokens` natively,
-`ignore_eos` through the gateway), greedy, closed loop at each concurrency (`client.bench.run_level`). Overhead per
-request = TTFT p50 of the gateway minus the native one; per token = ITL p50 difference.
+One tritonserver (`tritonllm.server.TritonServer`) and one gateway in its own process (`tritonllm gateway`, as a
+deployment runs it: its event loop never shares a GIL with the load generator) on 127.0.0.1; the same prompts go to
+the ensemble over gRPC streaming (`client.peers.TritonStream`) and to the gateway's `/v1/completions` over SSE
+(`client.peers.OpenAICompletionsStream`), output length forced (`min_tokens` natively, `ignore_eos` through the
+gateway), greedy, closed loop at each concurrency (`client.bench.run_level`). Native and gateway runs alternate,
+`--repeats` times; overhead per request = median over repeats of (gateway TTFT p50 - native TTFT p50), per token =
+the same for ITL p50. Wall-clock differences drown in noise on a busy 2-core machine, so the gateway's own CPU time
+is measured too (its process's utime + stime from /proc, which other load does not inflate much): per request from
+requests of 1 new token, per token from the extra CPU of requests of `--output-tokens` new tokens. On an idle core a
+request's added latency is about that CPU time plus one localhost hop.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--repository DIR] [--requests 32] [--concurrency 1,8]
 """
@@ -13,16 +18,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import statistics
+import sys
 from pathlib import Path
+
+from peers import start_server, stop_server, wait_ready
 
 from tritonllm.client.bench import results_table, run_level
 from tritonllm.client.deployment import bundled_build
 from tritonllm.client.peers import OpenAICompletionsStream, TritonStream
 from tritonllm.client.workload import synthetic_prompts
-from tritonllm.contract import GatewaySettings
-from tritonllm.gateway.server import GatewayServer
 from tritonllm.gateway.tokens import repository_tokenizer_dir
 from tritonllm.server import TritonServer
+
+SERVED_NAME = "smollm2"  # the name peers.wait_ready looks for in /v1/models
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (and of its reaped children), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def gateway_cpu(gateway_pid: int, system: OpenAICompletionsStream, prompts: list[str], output_tokens: int
+                ) -> dict[str, float]:
+    """The gateway's CPU milliseconds per request (1-token requests) and per further token."""
+    spent = {}
+    for tokens in (1, output_tokens):
+        before = process_cpu_seconds(gateway_pid)
+        run_level(system, [f"(cpu, {tokens}) {prompt}" for prompt in prompts], tokens, 1)
+        spent[tokens] = 1000 * (process_cpu_seconds(gateway_pid) - before) / len(prompts)
+    return {"cpu_ms_per_request": spent[1],
+            "cpu_ms_per_token": (spent[output_tokens] - spent[1]) / (output_tokens - 1)}
 
 
 def main() -> None:
@@ -31,41 +66,62 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench-results/gateway_overhead.json"))
     args = parser.parse_args()
     repository = args.repository or bundled_build("fp32").repository_dir
-    tokenizer_dir = repository_tokenizer_dir(repository)
     from transformers import AutoTokenizer
 
-    prompts = synthetic_prompts(AutoTokenizer.from_pretrained(tokenizer_dir), args.requests, 100, 200)
+    prompts = synthetic_prompts(AutoTokenizer.from_pretrained(repository_tokenizer_dir(repository)), args.requests,
+                                100, 200)
     levels = [int(level) for level in args.concurrency.split(",")]
+    port = _free_port()
     with TritonServer(repository) as triton:
         # the ensemble on both sides: the same path, the gateway in front or not
-        settings = GatewaySettings(triton_grpc_urls=(triton.endpoints.grpc_url,), model="ensemble", port=0)
-        with GatewayServer(settings, tokenizer_dir) as gateway:
+        gateway = start_server([str(Path(sys.executable).parent / "tritonllm"), "gateway",
+                                "--triton", triton.endpoints.grpc_url, "--repository", str(repository),
+                                "--model", "ensemble", "--served-model-name", SERVED_NAME, "--port", str(port)],
+                               env=dict(os.environ), log_path=Path("bench-results/gateway_overhead-gateway.log"))
+        try:
+            base_url = f"http://127.0.0.1:{port}"
+            wait_ready(gateway, base_url, Path("bench-results/gateway_overhead-gateway.log"), 120)
             systems = [TritonStream(triton.endpoints.grpc_url, name="ensemble-grpc"),
-                       OpenAICompletionsStream(gateway.url, settings.served_model_name, name="gateway-openai",
+                       OpenAICompletionsStream(base_url, SERVED_NAME, name="gateway-openai",
                                                extra_body={"stream_options": None})]  # usage: re-encoded count
             for system in systems:  # warm-up: first requests load kernels and open connections
                 list(system.stream(prompts[0], 4))
             # A run-specific opening keeps the engine's prefix cache from serving one run the prompts of another.
-            results = [run_level(system, [f"({system.name}, c{level}) {prompt}" for prompt in prompts],
-                                 args.output_tokens, level) for level in levels for system in systems]
+            results = [run_level(system, [f"({system.name}, c{level}, r{repeat}) {prompt}" for prompt in prompts],
+                                 args.output_tokens, level)
+                       for repeat in range(args.repeats) for level in levels for system in systems]
+            cpu = gateway_cpu(gateway.pid, systems[1], prompts, args.output_tokens)
+        finally:
+            stop_server(gateway)
     from rich.console import Console
 
     Console(width=160).print(results_table(results))
     overhead = {}
     for level in levels:
-        native, gateway_result = (next(r for r in results if r.system == name and r.concurrency == level)
-                                  for name in ("ensemble-grpc", "gateway-openai"))
-        overhead[level] = {"per_request_ms": 1000 * (gateway_result.ttft_s["p50"] - native.ttft_s["p50"]),
-                           "per_token_ms": 1000 * (gateway_result.itl_s["p50"] - native.itl_s["p50"]),
-                           "native_tok_s": native.output_tokens_per_s,
-                           "gateway_tok_s": gateway_result.output_tokens_per_s}
-        print(f"concurrency {level}: gateway adds {overhead[level]['per_request_ms']:+.2f} ms to TTFT p50 and "
-              f"{overhead[level]['per_token_ms']:+.3f} ms to ITL p50")
+        native = [r for r in results if r.system == "ensemble-grpc" and r.concurrency == level]
+        through = [r for r in results if r.system == "gateway-openai" and r.concurrency == level]
+        overhead[level] = {
+            "per_request_ms": statistics.median(1000 * (g.ttft_s["p50"] - n.ttft_s["p50"])
+                                                for n, g in zip(native, through)),
+            "per_token_ms": statistics.median(1000 * (g.itl_s["p50"] - n.itl_s["p50"])
+                                              for n, g in zip(native, through)),
+            "latency_ms": statistics.median(1000 * (g.latency_s["p50"] - n.latency_s["p50"])
+                                            for n, g in zip(native, through)),
+            "native_tok_s": statistics.median(n.output_tokens_per_s for n in native),
+            "gateway_tok_s": statistics.median(g.output_tokens_per_s for g in through)}
+        print(f"concurrency {level}: gateway adds {overhead[level]['per_request_ms']:+.2f} ms to TTFT p50, "
+              f"{overhead[level]['per_token_ms']:+.3f} ms to ITL p50, {overhead[level]['latency_ms']:+.2f} ms to "
+              f"request latency p50; {overhead[level]['native_tok_s']:.1f} -> {overhead[level]['gateway_tok_s']:.1f}"
+              f" tok/s (medians of {args.repeats} alternating runs)")
+    print(f"gateway CPU: {cpu['cpu_ms_per_request']:.2f} ms per request, {cpu['cpu_ms_per_token']:.3f} ms per token "
+          f"({len(prompts)} requests at concurrency 1)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"overhead": overhead, "results": [vars(r) for r in results]}, indent=2))
+    args.out.write_text(json.dumps({"overhead": overhead, "gateway_cpu": cpu, "results": [vars(r) for r in results]},
+                                   indent=2))
     print(f"wrote {args.out}")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import queue
 import socket
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -72,30 +71,6 @@ class StreamEvent:
     received_at: float = field(default_factory=time.perf_counter)
 
 
-class StreamCancel:
-    """Ends a gRPC `events` stream from another thread (e.g. when the HTTP client of a gateway went away): the
-    consumer stops waiting at once, its iteration ends, and the request is cancelled on the server."""
-
-    _SIGNAL = object()  # put on the stream's response queue to wake its consumer
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._responses: queue.Queue | None = None
-        self.requested = False
-
-    def attach(self, responses: queue.Queue) -> None:
-        with self._lock:
-            self._responses = responses
-            if self.requested:
-                responses.put(self._SIGNAL)
-
-    def cancel(self) -> None:
-        with self._lock:
-            self.requested = True
-            if self._responses is not None:
-                self._responses.put(self._SIGNAL)
-
-
 # Integers each wire type holds: a larger one would wrap (numpy's cast here, Triton's JSON conversion over HTTP) into
 # another, possibly allowed, value; the client refuses it instead. Which values are allowed is the server's to say.
 _WIRE_LIMITS = {"INT32": (-INT32_MAX - 1, INT32_MAX), "UINT64": (0, UINT64_MAX)}
@@ -153,52 +128,37 @@ class LLMClient:
         for event in self.events(prompt, params or GenerationParams(), stream=True):
             yield event.text
 
-    def events(self, prompt: str | bytes, params: GenerationParams, stream: bool = True,
-               cancel: StreamCancel | None = None) -> Iterator[StreamEvent]:
-        """Responses as they come; `cancel` (gRPC only) ends the stream from another thread."""
+    def events(self, prompt: str | bytes, params: GenerationParams, stream: bool = True) -> Iterator[StreamEvent]:
+        """Responses as they come; closing the generator early cancels the request on the server."""
         if self.protocol == "grpc":
-            yield from self._grpc_events(request_arrays(prompt, params, stream), cancel)
-        elif cancel is not None:
-            raise ValueError("cancel is served over gRPC only; over HTTP close the generator instead")
+            yield from self._grpc_events(request_arrays(prompt, params, stream))
         else:
             yield from self._http_events(_http_body(prompt, params, stream))
 
     # -- gRPC ------------------------------------------------------------------------------------------------
-    def _grpc_events(self, arrays: dict[str, tuple[str, np.ndarray]],
-                     cancel: StreamCancel | None) -> Iterator[StreamEvent]:
+    def _grpc_events(self, arrays: dict[str, tuple[str, np.ndarray]]) -> Iterator[StreamEvent]:
         import tritonclient.grpc as grpcclient
 
         responses: queue.Queue = queue.Queue()
-        if cancel is not None:
-            cancel.attach(responses)
         client = grpcclient.InferenceServerClient(self.url)
-        inputs = []
-        for name, (datatype, array) in arrays.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
         client.start_stream(callback=lambda result, error: responses.put((result, error)),
                             stream_timeout=self.timeout)
         finished = False
         try:
-            client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex,
+            client.async_stream_infer(self.model, infer_inputs(arrays), request_id=uuid.uuid4().hex,
                                       enable_empty_final_response=True)
             while True:
                 try:
-                    item = responses.get(timeout=self.timeout)
+                    result, error = responses.get(timeout=self.timeout)
                 except queue.Empty:
                     raise GenerationError("DEADLINE_EXCEEDED", f"no response within {self.timeout:.0f} s") from None
-                if item is StreamCancel._SIGNAL:
-                    return  # not finished: the request is cancelled on the server below
-                result, error = item
                 if error is not None:
                     finished = True
                     raise GenerationError(_grpc_status(error), error.message())
-                response = result.get_response()
-                if any(output.name == "text_output" for output in response.outputs):
-                    yield _event_from_arrays(result.as_numpy)
-                if response.parameters["triton_final_response"].bool_param:
-                    finished = True
+                event, finished = _read_response(result)
+                if event is not None:
+                    yield event
+                if finished:
                     return
         finally:
             # Leaving early (consumer broke out of the loop) cancels the request on the server.
@@ -220,6 +180,98 @@ class LLMClient:
                 if "text_output" in payload:
                     yield StreamEvent(payload["text_output"], payload.get("cache_hit"),
                                       payload.get("cache_similarity"))
+
+
+def infer_inputs(arrays: dict[str, tuple[str, np.ndarray]]) -> list:
+    """tritonclient gRPC inputs (the same class serves its asyncio client) for `request_arrays`' output."""
+    from tritonclient.grpc import InferInput
+
+    inputs = []
+    for name, (datatype, array) in arrays.items():
+        tensor = InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _read_response(result) -> tuple[StreamEvent | None, bool]:
+    """(the text piece of one stream response, or None for an empty final response; whether it is the last)."""
+    response = result.get_response()
+    event = (_event_from_arrays(result.as_numpy) if any(output.name == "text_output" for output in response.outputs)
+             else None)
+    return event, response.parameters["triton_final_response"].bool_param
+
+
+class StreamCancelled(Exception):
+    """The stream was cancelled by `AsyncStream.cancel()` while it was being read."""
+
+
+class AsyncStream:
+    """One streamed request from an asyncio event loop, on a tritonclient `grpc.aio` client that many requests share
+    (one HTTP/2 channel per server, no thread per request). Iterate it for its events; `cancel()` from another task
+    cancels the request on the server, and a read waiting then raises `StreamCancelled`."""
+
+    def __init__(self, client, model: str, prompt: str | bytes, params: GenerationParams, stream: bool,
+                 timeout: float) -> None:
+        import asyncio
+
+        self._sent = asyncio.Event()  # the request side stays open until the answer ends (or is cancelled)
+        request = {"model_name": model, "inputs": infer_inputs(request_arrays(prompt, params, stream)),
+                   "request_id": uuid.uuid4().hex, "parameters": {"triton_enable_empty_final_response": True}}
+        self._responses = client.stream_infer(self._requests(request), stream_timeout=timeout)
+        self.finished = self.cancelled = False
+
+    async def _requests(self, request: dict):
+        yield request
+        await self._sent.wait()
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        import asyncio
+
+        from grpc import RpcError
+
+        while not self.finished:
+            try:
+                result, error = await self._responses.__anext__()
+            except asyncio.CancelledError:
+                # grpc.aio ends a read of a call cancelled here with CancelledError; only the task's own
+                # cancellation is passed on as one
+                if self.cancelled and not asyncio.current_task().cancelling():
+                    raise StreamCancelled from None
+                raise
+            except RpcError as failure:  # not reached, timed out, or a status from the server
+                if self.cancelled:
+                    raise StreamCancelled from None
+                self._finish()
+                raise GenerationError(failure.code().name, failure.details() or str(failure)) from None
+            except StopAsyncIteration:
+                self._finish()
+                raise GenerationError("UNKNOWN", "the stream ended without a final response") from None
+            if error is not None:
+                self._finish()
+                raise GenerationError(_grpc_status(error), error.message())
+            event, last = _read_response(result)
+            if last:
+                self._finish()
+            if event is not None:
+                return event
+        if self.cancelled:
+            raise StreamCancelled
+        raise StopAsyncIteration
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._sent.set()
+
+    def cancel(self) -> None:
+        """Cancels the request on the server (a no-op once the answer has ended)."""
+        if not self.finished:
+            self.cancelled = True
+            self._finish()
+            self._responses.cancel()
 
 
 def _event_from_arrays(as_numpy) -> StreamEvent:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tritonllm.client.bench import percentiles
-from tritonllm.paths import cache_dir
+from tritonllm.paths import link, links_folder
 
 _LIBRARIES = {"libb64.so.0d": "libb64-*.so.0d", "libcudart.so.12": "libcudart-*.so.12*"}
 PERF_MODELS = ("ensemble", "llm")
@@ -57,13 +57,11 @@ def perf_analyzer_binary() -> Path:
 def perf_analyzer_libraries() -> Path:
     """A folder holding the shared libraries perf_analyzer needs under the names it looks for."""
     libs = Path(sysconfig.get_paths()["purelib"]) / "nvidia_pytriton.libs"
-    folder = cache_dir() / "perf-analyzer-libs"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = links_folder("perf-analyzer-libs", libs)
     for name, pattern in _LIBRARIES.items():
         candidates = sorted(libs.glob(pattern))
-        link = folder / name
-        if candidates and not link.exists():
-            link.symlink_to(candidates[0])
+        if candidates:
+            link(folder, name, candidates[0])
     return folder
 
 

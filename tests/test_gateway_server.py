@@ -347,3 +347,98 @@ def test_the_gateway_command_alone_fronts_running_triton_and_stops_on_sigterm(tr
             == native(triton, PROMPT, 3, chat=False)
     finally:
         assert _stopped_by_sigterm(process) == 0
+
+
+# -- bounded, seeded fuzzing of both entry points (issue 11: bad input never kills, hangs or 500s) ----------------------
+
+FUZZ_SEED = 20261201
+FUZZ_VALUES = ("null", "0", "-1", "1", "2", "0.5", "-0.0", "1e999", "-1e999", "4294967297", "18446744073709551621",
+               '""', '"x"', '"\\ud800"', '"8"', "true", "false", "[]", "{}", "[1, 2]", '["a", 3]', '{"a": 1}',
+               "[" * 40 + "]" * 40, '"' + "y" * 5000 + '"')
+FUZZ_FIELDS = ("model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+               "stop", "n", "stream", "response_format", "stream_options", "guided_regex", "guided_choice",
+               "ignore_eos", "min_tokens", "logprobs", "user", "tools", "unknown_field")
+
+
+def _fuzzed_body(random, endpoint: str) -> bytes:
+    """A JSON (or almost-JSON) body: a valid request with some fields replaced by values of any type, or a
+    non-object, or cut short."""
+    fields = {"model": json.dumps(MODEL), "max_tokens": "2"}
+    fields["messages" if endpoint == "chat" else "prompt"] = (
+        json.dumps([{"role": "user", "content": "fuzz"}]) if endpoint == "chat" else '"fuzz"')
+    for name in random.sample(FUZZ_FIELDS, random.randint(0, 3)):
+        fields[name] = random.choice(FUZZ_VALUES)
+    body = "{" + ", ".join(f'"{name}": {value}' for name, value in fields.items()) + "}"
+    shape = random.random()
+    if shape < 0.05:
+        body = random.choice(FUZZ_VALUES)  # not an object
+    elif shape < 0.1:
+        body = body[:random.randint(0, len(body))]  # cut short
+    return body.encode("utf-8", "surrogatepass")
+
+
+def test_fuzzed_openai_bodies_get_4xx_or_an_answer_and_never_harm_the_server(gateway):
+    import random as random_module
+
+    random = random_module.Random(FUZZ_SEED)
+    headers = {"Authorization": "Bearer alpha", "Content-Type": "application/json"}
+    statuses: dict[int, int] = {}
+    for _ in range(160):
+        endpoint = random.choice(("chat", "completion"))
+        url = gateway.url + ("/v1/chat/completions" if endpoint == "chat" else "/v1/completions")
+        body = _fuzzed_body(random, endpoint)
+        reply = requests.post(url, data=body, headers=headers, timeout=60)
+        statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+        assert reply.status_code in (200, 400, 404, 413), (body[:300], reply.status_code, reply.text[:300])
+        if reply.status_code != 200:
+            error = reply.json()["error"]
+            assert error["message"] and error["type"], body[:300]
+        else:
+            assert reply.text  # a whole answer, or a stream that ended
+    assert statuses.get(400, 0) > 60 and statuses.get(200, 0) > 20, statuses  # the fuzzer reached both sides
+    assert openai_client(gateway).completions.create(model=MODEL, prompt="still up", max_tokens=2).choices
+
+
+FUZZ_NUMBERS = {"INT32": (-2**31, -1, 0, 1, 3, 255, 2**31 - 1), "UINT64": (0, 1, 2**63, 2**64 - 1),
+                "FP32": (float("nan"), float("inf"), -float("inf"), -1.0, 0.0, 0.5, 1.0, 3.4e38)}
+WIRE_DTYPES = {"INT32": "int32", "UINT64": "uint64", "FP32": "float32"}
+
+
+def test_fuzzed_grpc_inputs_are_answered_or_refused_by_name_and_never_hang(triton):
+    """Every numeric input of the front model and the ensemble, set to extremes and NaN/inf, and sent with a wrong
+    data type now and then: each request ends (an answer, or an error that names an input) and the server stays
+    ready."""
+    import random as random_module
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from tritonllm.client.api import GenerationError
+    from tritonllm.contract import FRONT_INPUTS
+
+    random = random_module.Random(FUZZ_SEED)
+    numeric = [tensor for tensor in FRONT_INPUTS if tensor.wire_type in FUZZ_NUMBERS]
+    kinds: dict[str, int] = {}
+    for index in range(80):
+        model = random.choice(("llm", "ensemble"))
+        client = LLMClient(triton.endpoints.grpc_url, "grpc", model=model, timeout=60)
+        chosen = random.sample(numeric, random.randint(1, 3))
+        arrays = {"text_input": ("BYTES", np.array([[b"fuzz"]], dtype=object)),
+                  "max_tokens": ("INT32", np.array([[2]], dtype=np.int32))}
+        if model == "llm":
+            arrays["cache"] = ("BYTES", np.array([[b"bypass"]], dtype=object))
+        for tensor in chosen:
+            wire = tensor.wire_type if random.random() > 0.1 else random.choice(("INT32", "FP32", "UINT64"))
+            value = random.choice(FUZZ_NUMBERS[wire])
+            arrays[tensor.name] = (wire, np.array([[value]], dtype=WIRE_DTYPES[wire]))
+        try:
+            list(client._grpc_events(arrays))
+            kinds["answered"] = kinds.get("answered", 0) + 1
+        except GenerationError as error:
+            assert error.status != "DEADLINE_EXCEEDED", (model, arrays)
+            assert any(name in error.message for name in arrays), (model, arrays, error.message)
+            kinds["refused"] = kinds.get("refused", 0) + 1
+    assert kinds.get("refused", 0) > 20 and kinds.get("answered", 0) > 5, kinds
+    health = grpcclient.InferenceServerClient(triton.endpoints.grpc_url)
+    assert health.is_server_ready() and all(health.is_model_ready(model) for model in ("llm", "ensemble"))
+    assert native(triton, "still up", 2, chat=False) is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -17,6 +18,28 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def links_folder(name: str, installation: Path) -> Path:
+    """A cache folder of symlinks into one installation (a venv's wheel files), keyed by that installation's path:
+    checkouts with their own venvs, started at the same time or after another's venv is gone, never share links."""
+    key = hashlib.sha256(str(Path(installation).resolve()).encode()).hexdigest()[:12]
+    folder = cache_dir() / f"{name}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def link(folder: Path, name: str, target: Path) -> None:
+    """`folder/name` -> `target`, replacing a link that points elsewhere or nowhere (another process may have made
+    the same link in the meantime: that is fine)."""
+    path = folder / name
+    if path.exists() and path.resolve() == Path(target).resolve():
+        return
+    path.unlink(missing_ok=True)
+    try:
+        path.symlink_to(target)
+    except FileExistsError:
+        pass
 
 
 def package_folder(distribution_module: str) -> Path:

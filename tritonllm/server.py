@@ -12,7 +12,6 @@ whatever of the group outlives tritonserver and removes the stubs' shared-memory
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
 import secrets
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from tritonllm import reaper
 from tritonllm.contract import ENSEMBLE_URL_ENVIRONMENT
-from tritonllm.paths import cache_dir
+from tritonllm.paths import cache_dir, link, links_folder
 
 NGC_ROOT = Path("/opt/tritonserver")
 # How long tritonserver waits for open connections and in-flight requests on SIGTERM before unloading models anyway
@@ -98,16 +97,11 @@ def _pytriton_installation() -> TritonInstallation:
     if not stub.is_file():
         raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version}")
     # tritonserver expects <backend_dir>/python/{libtriton_python.so, triton_python_backend_utils.py, stub}.
-    # One folder per installation: checkouts with their own venvs may start servers at the same time.
-    installation = hashlib.sha256(str(server_root.resolve()).encode()).hexdigest()[:12]
-    backend_dir = cache_dir() / f"triton-backends-py{version}-{installation}"
+    backend_dir = links_folder(f"triton-backends-py{version}", server_root)
     python_dir = backend_dir / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
+    python_dir.mkdir(exist_ok=True)
     for source in [*(server_root / "backends" / "python").glob("*.*"), stub]:
-        link = python_dir / source.name
-        if not link.exists() or link.resolve() != source.resolve():
-            link.unlink(missing_ok=True)
-            link.symlink_to(source)
+        link(python_dir, source.name, source)
     # The stub links Debian's libpython; this interpreter's own lib/ first gives a matching runtime.
     libs = [str(Path(sys.base_prefix) / "lib"), str(site_packages / "nvidia_pytriton.libs")]
     if os.environ.get("LD_LIBRARY_PATH"):

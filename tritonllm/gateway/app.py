@@ -20,14 +20,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tritonllm.client.api import GenerationError, GenerationParams, StreamEvent
+from tritonllm.client.api import AsyncStream, GenerationError, GenerationParams, StreamCancelled, StreamEvent
 from tritonllm.contract import GATEWAY_AUTO_MODELS, GatewaySettings
 from tritonllm.gateway.auth import OPEN_ACCESS, ApiKey, KeyRing, RateLimited, RateLimiter
 from tritonllm.gateway.openai_api import (SSE_DONE, APIError, GenerationRequest, Guide, Kind, ResponseWriter, Usage,
                                           parse_body, parse_request, sse)
 from tritonllm.gateway.replicas import HealthWatch, Replica, ReplicaPool, grpc_ready_model
 from tritonllm.gateway.tokens import PromptTokens
-from tritonllm.gateway.upstream import TritonStream
+from tritonllm.gateway.upstream import ReplicaChannels
 
 log = logging.getLogger("tritonllm.gateway")
 
@@ -74,7 +74,7 @@ class GatewayMetrics:
 class OpenStream:
     """A Triton stream that produced its first response (or ended without one)."""
 
-    upstream: TritonStream
+    upstream: AsyncStream
     replica: Replica
     first: StreamEvent | None
 
@@ -98,9 +98,22 @@ def _triton_error(error: GenerationError, guide: Guide | None = None) -> APIErro
     return APIError(400, f"the model refused the request: {error.message}", code="invalid_request")
 
 
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+class ClientWatch:
+    """Watches one HTTP client's connection from its own task and cancels the request's Triton stream the moment
+    the client goes away (uvicorn keeps accepting a gone client's chunks, so writing would never tell)."""
+
+    def __init__(self, request: Request) -> None:
+        self.stream: AsyncStream | None = None
+        self._task = asyncio.ensure_future(self._watch(request))
+
+    async def _watch(self, request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if self.stream is not None:
+            self.stream.cancel()
+
+    def stop(self) -> None:
+        self._task.cancel()
 
 
 class Gateway:
@@ -113,6 +126,7 @@ class Gateway:
         self.pool = ReplicaPool(settings.triton_grpc_urls, candidates[-1], functools.partial(
             grpc_ready_model, candidates=candidates, timeout=READY_TIMEOUT_SECONDS))
         self.metrics = GatewayMetrics(self.pool)
+        self.channels = ReplicaChannels(settings.request_timeout_seconds)
         if not keys:
             log.warning("no API keys configured: the gateway serves anyone who reaches it, as tenant ''")
 
@@ -153,18 +167,18 @@ class Gateway:
         return b"".join(chunks)
 
     # -- Triton ----------------------------------------------------------------------------------------------------
-    async def _next(self, upstream: TritonStream, disconnected: asyncio.Future) -> StreamEvent | None:
-        """The next response of `upstream`; ClientGone (after cancelling the stream) when the client leaves first."""
-        piece = asyncio.ensure_future(upstream.next())
-        await asyncio.wait({piece, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-        if piece.done():
-            return piece.result()
-        piece.cancel()
-        upstream.close()
-        raise ClientGone
+    @staticmethod
+    async def _next(upstream: AsyncStream) -> StreamEvent | None:
+        """The next response of `upstream`, None at its end; ClientGone when the client's watch cancelled it."""
+        try:
+            return await upstream.__anext__()
+        except StopAsyncIteration:
+            return None
+        except StreamCancelled:
+            raise ClientGone from None
 
     async def _open(self, request: GenerationRequest, prompt: str, params: GenerationParams,
-                    disconnected: asyncio.Future) -> OpenStream:
+                    watch: ClientWatch) -> OpenStream:
         """A stream on the least loaded replica; one that cannot be reached before the first response is left out
         of rotation and the request goes to the next."""
         tried: set[str] = set()
@@ -174,10 +188,9 @@ class Gateway:
             if replica is None:
                 break
             tried.add(replica.url)
-            upstream = TritonStream(replica.url, replica.model, prompt, params, request.stream,
-                                    self.settings.request_timeout_seconds)
+            upstream = watch.stream = self.channels.open(replica.url, replica.model, prompt, params, request.stream)
             try:
-                return OpenStream(upstream, replica, await self._next(upstream, disconnected))
+                return OpenStream(upstream, replica, await self._next(upstream))
             except GenerationError as error:
                 self.pool.release(replica)
                 if error.status not in RETRYABLE_STATUSES:
@@ -186,6 +199,7 @@ class Gateway:
                 self.pool.mark_unready(replica)
                 last = error
             except BaseException:
+                upstream.cancel()
                 self.pool.release(replica)
                 raise
         raise _triton_error(last or GenerationError("UNAVAILABLE", "every replica was tried"))
@@ -207,26 +221,27 @@ class Gateway:
     # -- endpoints -------------------------------------------------------------------------------------------------
     async def generate(self, request: Request, kind: Kind) -> Response:
         started, endpoint = time.perf_counter(), request.url.path
-        disconnected = None
+        watch = None
         try:
             key = self.authenticate(request.headers.get("authorization"))
             self._admit(key)
             parsed = parse_request(parse_body(await self._read_body(request), self.settings), kind, self.settings)
             prompt = self.tokens.prompt_text(parsed)
-            disconnected = asyncio.ensure_future(_until_disconnected(request))
-            opened = await self._open(parsed, prompt, self._params(parsed, key), disconnected)
+            watch = ClientWatch(request)
+            opened = await self._open(parsed, prompt, self._params(parsed, key), watch)
         except APIError as error:
-            if disconnected is not None:
-                disconnected.cancel()
+            if watch is not None:
+                watch.stop()
             self.metrics.answered(endpoint, error.status, started)
             return error_response(error)
         except ClientGone:
+            watch.stop()
             self.metrics.cancelled.inc()
             self.metrics.answered(endpoint, 499, started)  # nginx's "client closed request"
             return Response(status_code=499)
         self.metrics.first_piece.observe(time.perf_counter() - started)
         writer = ResponseWriter(parsed, self.settings.served_model_name)
-        answer = self._answer(opened, disconnected, writer, key, prompt, endpoint, started)
+        answer = self._answer(opened, watch, writer, key, prompt, endpoint, started)
         if parsed.stream:
             return StreamingResponse(answer, media_type="text/event-stream")
         try:
@@ -236,7 +251,7 @@ class Gateway:
         except ClientGone:
             return Response(status_code=499)
 
-    async def _answer(self, opened: OpenStream, disconnected: asyncio.Future, writer: ResponseWriter, key: ApiKey,
+    async def _answer(self, opened: OpenStream, watch: ClientWatch, writer: ResponseWriter, key: ApiKey,
                       prompt: str, endpoint: str, started: float) -> AsyncIterator:
         """Stream: SSE chunks as bytes. Whole answer: one body (a dict) at the end. Either way the Triton stream
         ends, or is cancelled, before this returns."""
@@ -252,7 +267,7 @@ class Gateway:
                 pieces.append(event.text)
                 if stream and event.text:
                     yield sse(writer.piece(event.text))
-                event = await self._next(opened.upstream, disconnected)
+                event = await self._next(opened.upstream)
             usage = self._usage(key, prompt, "".join(pieces))
             if stream:
                 for chunk in writer.last_chunks(usage):
@@ -273,8 +288,8 @@ class Gateway:
             yield sse(failure.body())
             yield SSE_DONE
         finally:
-            opened.upstream.close()
-            disconnected.cancel()
+            opened.upstream.cancel()
+            watch.stop()
             self.pool.release(opened.replica)
             self.metrics.active_streams.dec()
             self.metrics.answered(endpoint, status, started)
@@ -302,6 +317,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             yield
         finally:
             watch.stop()
+            await gateway.channels.close()
 
     app = FastAPI(title="tritonllm OpenAI-compatible gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)

@@ -109,6 +109,14 @@ def parse_body(raw: bytes, settings: GatewaySettings) -> dict[str, Any]:
         raise APIError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    if b"\\u" in raw:  # only an escape can make a lone surrogate, which no UTF-8 text (and no prompt) holds
+        for name, value in body.items():
+            try:
+                json.dumps({name: value}, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"{name} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                                    "pair); allowed: text that is valid Unicode", param=name,
+                               code="invalid_unicode") from None
     return body
 
 

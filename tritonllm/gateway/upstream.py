@@ -1,55 +1,51 @@
-"""One request to one Triton replica, seen from the event loop.
+"""The gateway's gRPC connections to its Triton replicas, seen from the event loop.
 
-The project's own client (`tritonllm.client.api.LLMClient`, gRPC streaming) runs on a thread of its own per request
-(a stream holds its thread for its whole length, so a shared pool would cap concurrency); its responses are handed to
-the event loop as they come. `close()` is the one thing done when the HTTP client goes away: it cancels the Triton
-gRPC stream.
+Each replica gets one tritonclient `grpc.aio` client (one HTTP/2 channel) that all its requests share: a request is
+one bidirectional stream on it (`tritonllm.client.api.AsyncStream`), with no thread and no new connection per
+request. The channel reconnects by itself; its backoff is capped so that a replica that restarts is reachable
+again about as soon as its readiness check says so.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
+from tritonllm.client.api import AsyncStream, GenerationParams
 
-from tritonllm.client.api import GenerationParams, LLMClient, StreamCancel, StreamEvent
-
-_END = object()
+MAX_RECONNECT_BACKOFF_MS = 1000
+MAX_MESSAGE_BYTES = 2**31 - 1  # tritonclient's own default: answers are never cut by the channel
 
 
-class TritonStream:
-    def __init__(self, url: str, model: str, prompt: str, params: GenerationParams, stream: bool,
-                 timeout: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._cancel = StreamCancel()
-        client = LLMClient(url, "grpc", model, timeout)
-        self._thread = threading.Thread(target=self._pump, args=(client, prompt, params, stream), daemon=True,
-                                        name="gateway-stream")
-        self._thread.start()
+def _channel_options() -> list[tuple[str, int]]:
+    from tritonclient.grpc import KeepAliveOptions
 
-    def _pump(self, client: LLMClient, prompt: str, params: GenerationParams, stream: bool) -> None:
-        try:
-            for event in client.events(prompt, params, stream, cancel=self._cancel):
-                self._hand_over(event)
-            self._hand_over(_END)
-        except Exception as error:  # raised on the event loop by next()
-            self._hand_over(error)
+    keepalive = KeepAliveOptions()
+    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
 
-    def _hand_over(self, item: object) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed (gateway shutting down): nobody is waiting any more
-            self._cancel.cancel()
 
-    async def next(self) -> StreamEvent | None:
-        """The next response, None at the end of the stream; a failed request raises its error here."""
-        item = await self._queue.get()
-        if item is _END:
-            return None
-        if isinstance(item, Exception):
-            raise item
-        return item
+class ReplicaChannels:
+    """One `grpc.aio` client per replica URL, made on first use inside the running event loop (grpc.aio channels
+    belong to the loop that made them) and closed by `close()` before that loop ends."""
 
-    def close(self) -> None:
-        """Cancels the Triton stream (a no-op once it has ended)."""
-        self._cancel.cancel()
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._clients: dict = {}
+
+    def open(self, url: str, model: str, prompt: str, params: GenerationParams, stream: bool) -> AsyncStream:
+        client = self._clients.get(url)
+        if client is None:
+            import tritonclient.grpc.aio as grpcclient
+
+            client = self._clients[url] = grpcclient.InferenceServerClient(url, channel_args=_channel_options())
+        return AsyncStream(client, model, prompt, params, stream, self.timeout)
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
