@@ -7,12 +7,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from .architecture import SUPPORTED_MODEL_TYPES
 from .errors import BuildError
 from .files import atomic_dir
 
-# Decoder-only families whose attention takes a plain (non-sliding, non-hybrid) KV cache; each passes the export
-# parity test with a tiny random model (tests/test_builders_onnx.py).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SPECIAL_TOKEN_ROLES = ("bos", "eos", "pad")
 CONVERSION_VERSION = 2  # bump when the conversion writes different files (new hf-* cache folder)
 
@@ -72,7 +70,7 @@ def validate_hf_folder(folder: Path) -> None:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise BuildError(f"model folder {folder}: model_type {model_type!r} is not supported; allowed: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only with a plain KV cache)")
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only)")
     if config.get("use_cache") is False:
         raise BuildError(f"model folder {folder}: config.json sets use_cache = false; the export needs a KV cache")
     check_special_tokens(folder)
