@@ -47,7 +47,8 @@ MAX_PERPLEXITY_INCREASE = 0.05
 
 _BUILDERS_DIR = Path(__file__).resolve().parent
 # The code (modules, found by import name) and data files (relative to builders/) each cached result is made by.
-EXPORT_CODE = ("tritonllm.builders.source", "tritonllm.builders.onnx_graph", "tritonllm.builders.parity",
+EXPORT_CODE = ("tritonllm.builders.source", "tritonllm.builders.onnx_graph", "tritonllm.builders.architecture",
+               "tritonllm.builders.awq", "tritonllm.builders.parity",
                "tritonllm.builders.errors", "data/parity_prompts.txt", "data/heldout_prompts.jsonl",
                "tritonllm.python_backends.onnx_runner", "tritonllm.python_backends.kv_slots")
 RENDER_CODE = ("tritonllm.builders.pipeline", "tritonllm.builders.repository", "tritonllm.builders.model_config",
