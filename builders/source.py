@@ -39,18 +39,25 @@ def _hash_file(digest: "hashlib._Hash", file: Path) -> None:
 
 
 def prepare_hf_model(model: str | Path | None, cache_root: Path, progress: ProgressNote | None = None) -> Path:
-    """A validated HF folder for `model`: None (the bundled SmolLM2 GGUF), a .gguf file, or an HF folder.
+    """A validated HF folder for `model`: None (the bundled SmolLM2 GGUF), the name of a bundled model
+    (`tritonllm.paths.BUNDLED_MODELS`), a .gguf file, or an HF folder.
 
     A GGUF file is converted once into `cache_root/hf-<content hash>/` (float32 weights, tokenizer with its special
     tokens checked against the generation config); later calls return that folder. An HF folder is used in place.
     """
-    if model is None:
-        from tritonllm.paths import bundled_gguf
+    from tritonllm.paths import BUNDLED_MODELS, bundled_gguf
 
+    if model is None:
         model = bundled_gguf()
+    elif str(model) in BUNDLED_MODELS and not Path(model).exists():
+        try:
+            model = BUNDLED_MODELS[str(model)]()
+        except FileNotFoundError as error:
+            raise BuildError(f"model {str(model)!r}: {error}") from error
     path = Path(model).expanduser()
     if not path.exists():
-        raise BuildError(f"model {str(model)!r} does not exist; give a Hugging Face model folder or a .gguf file")
+        raise BuildError(f"model {str(model)!r} does not exist; give a Hugging Face model folder, a .gguf file or "
+                         f"a bundled model: {', '.join(BUNDLED_MODELS)}")
     if path.is_dir():
         validate_hf_folder(path)
         return path

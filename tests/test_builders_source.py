@@ -67,7 +67,8 @@ def test_content_key_follows_names_and_bytes(tmp_path):
 
 
 def test_missing_and_unsupported_paths_are_refused(tmp_path):
-    with pytest.raises(BuildError, match="'.*nowhere' does not exist; give a Hugging Face model folder or a .gguf"):
+    with pytest.raises(BuildError, match="'.*nowhere' does not exist; give a Hugging Face model folder, a .gguf "
+                                         "file or a bundled model: smollm2-135m-instruct, gemma3-270m"):
         prepare_hf_model(tmp_path / "nowhere", tmp_path)
     (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
     with pytest.raises(BuildError, match="weights.bin' is not supported: give a Hugging Face model folder"):

