@@ -35,7 +35,7 @@ from .files import atomic_dir, link_tree
 from .onnx_graph import GRAPH_PRECISIONS, write_decoder
 from .parity import FP32_TOLERANCE, agreement, check_parity
 from tritonllm.contract import CacheSettings, EngineSettings, RepositorySettings
-from .source import content_key, prepare_hf_model
+from .source import content_key, prepare_hf_model, resolve_source
 
 BUILD_FILE = "build.json"
 GATE_FILE = "gate.json"
@@ -100,11 +100,7 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
 
     with _steps(console) as step:
         with step("model source") as note:
-            if model is None:
-                from tritonllm.paths import bundled_gguf
-
-                model = bundled_gguf()
-            source = Path(model).expanduser()
+            source = resolve_source(model)
             hf_dir = prepare_hf_model(source, root, progress=note)
             source_key = content_key(source)  # the GGUF file or the HF folder itself
         embedder_dir = repository_overrides.pop("embedder_dir", None)

@@ -38,26 +38,32 @@ def _hash_file(digest: "hashlib._Hash", file: Path) -> None:
             digest.update(block)
 
 
-def prepare_hf_model(model: str | Path | None, cache_root: Path, progress: ProgressNote | None = None) -> Path:
-    """A validated HF folder for `model`: None (the bundled SmolLM2 GGUF), the name of a bundled model
-    (`tritonllm.paths.BUNDLED_MODELS`), a .gguf file, or an HF folder.
-
-    A GGUF file is converted once into `cache_root/hf-<content hash>/` (float32 weights, tokenizer with its special
-    tokens checked against the generation config); later calls return that folder. An HF folder is used in place.
-    """
+def resolve_source(model: str | Path | None) -> Path:
+    """The file or folder `model` names: None is the bundled SmolLM2 GGUF, a bundled model's name
+    (`tritonllm.paths.BUNDLED_MODELS`) its file, anything else a path that must exist."""
     from tritonllm.paths import BUNDLED_MODELS, bundled_gguf
 
     if model is None:
-        model = bundled_gguf()
-    elif str(model) in BUNDLED_MODELS and not Path(model).exists():
+        return bundled_gguf()
+    if str(model) in BUNDLED_MODELS and not Path(model).exists():
         try:
-            model = BUNDLED_MODELS[str(model)]()
+            return BUNDLED_MODELS[str(model)]()
         except FileNotFoundError as error:
             raise BuildError(f"model {str(model)!r}: {error}") from error
     path = Path(model).expanduser()
     if not path.exists():
         raise BuildError(f"model {str(model)!r} does not exist; give a Hugging Face model folder, a .gguf file or "
                          f"a bundled model: {', '.join(BUNDLED_MODELS)}")
+    return path
+
+
+def prepare_hf_model(model: str | Path | None, cache_root: Path, progress: ProgressNote | None = None) -> Path:
+    """A validated HF folder for `model` (see `resolve_source`): a .gguf file, or an HF folder.
+
+    A GGUF file is converted once into `cache_root/hf-<content hash>/` (float32 weights, tokenizer with its special
+    tokens checked against the generation config); later calls return that folder. An HF folder is used in place.
+    """
+    path = resolve_source(model)
     if path.is_dir():
         validate_hf_folder(path)
         return path
