@@ -12,7 +12,9 @@ from .errors import BuildError
 from .files import atomic_dir
 
 SPECIAL_TOKEN_ROLES = ("bos", "eos", "pad")
-CONVERSION_VERSION = 2  # bump when the conversion writes different files (new hf-* cache folder)
+CONVERSION_VERSION = 3  # bump when the conversion writes different files (new hf-* cache folder)
+# GGUF token types (llama.cpp's llama_token_type) of SentencePiece vocabularies.
+NORMAL_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN = 1, 3, 4
 
 ProgressNote = Callable[[str], None]
 
@@ -148,22 +150,72 @@ def _gguf_to_hf(gguf: Path, out_dir: Path) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise BuildError(f"{gguf}: model_type {model_type!r} is not supported; allowed: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields  # parsing takes seconds (every tensor's header): once
+    if _gguf_string(fields, "tokenizer.ggml.model") == "llama" and \
+            json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"] != "BPE":
+        tokenizer._tokenizer = _sentencepiece_bpe(fields, tokenizer.backend_tokenizer)
     _align_special_tokens(tokenizer, model.generation_config)
     # transformers ignores the GGUF's add_bos_token (SmolLM2: false) and would prefix every raw prompt with
     # <|im_start|>; and its default clean-up rewrites " ." to "." on decode, which the byte-exact detokenizer never
     # does. Keep what the GGUF says, and decode text as the tokenizer's bytes say.
-    tokenizer.add_bos_token = _gguf_flag(gguf, "tokenizer.ggml.add_bos_token", default=tokenizer.add_bos_token)
+    tokenizer.add_bos_token = _gguf_flag(fields, "tokenizer.ggml.add_bos_token", default=tokenizer.add_bos_token)
     tokenizer.clean_up_tokenization_spaces = False
     model.config.architectures = [type(model).__name__]  # a config built from GGUF metadata has none
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
-def _gguf_flag(gguf: Path, key: str, default: bool) -> bool:
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(gguf)).fields.get(key)
+def _gguf_flag(fields: dict, key: str, default: bool) -> bool:
+    field = fields.get(key)
     return bool(field.parts[-1][0]) if field is not None else default
+
+
+def _gguf_string(fields: dict, key: str) -> str | None:
+    field = fields.get(key)
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+
+
+def _sentencepiece_bpe(fields: dict, converted):
+    """A GGUF's SentencePiece vocabulary (`tokenizer.ggml.model` = llama: pieces and scores, no merges) as a BPE
+    tokenizer that segments like SentencePiece BPE and llama.cpp: from characters (bytes where a character is not a
+    piece), repeatedly join the adjacent pair whose joined piece scores highest.
+
+    transformers 4.57 turns Gemma's GGUF vocabulary into a Unigram model instead, which splits common words into
+    fragments ("The capital of France is": 10 pieces against llama.cpp's 5). Normalizer, decoder and
+    post-processor stay those of `converted` (transformers' conversion); control tokens become special tokens and
+    user-defined ones (runs of spaces, tabs, newlines) added tokens, matched before the model as llama.cpp does.
+    """
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import BPE
+
+    def values(key: str) -> list:
+        field = fields[key]
+        return [field.parts[index] for index in field.data]
+
+    tokens = [bytes(part).decode("utf-8") for part in values("tokenizer.ggml.tokens")]
+    scores = [float(part[0]) for part in values("tokenizer.ggml.scores")]
+    types = [int(part[0]) for part in values("tokenizer.ggml.token_type")]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    normal = {token for token, kind in zip(tokens, types) if kind == NORMAL_TOKEN}
+    ranked = []  # (score of the joined piece, its id, cut): higher scores merge first, ties in vocabulary order
+    for index, token in enumerate(tokens):
+        if types[index] == NORMAL_TOKEN:
+            ranked += [(-scores[index], index, cut) for cut in range(1, len(token))
+                       if token[:cut] in normal and token[cut:] in normal]
+    ranked.sort()
+    merges = [(tokens[index][:cut], tokens[index][cut:]) for _, index, cut in ranked]
+    unknown = fields.get("tokenizer.ggml.unknown_token_id")
+    backend = Tokenizer(BPE(vocab, merges, unk_token=tokens[int(unknown.parts[-1][0])] if unknown else None,
+                            fuse_unk=True, byte_fallback=True))
+    backend.normalizer, backend.pre_tokenizer = converted.normalizer, converted.pre_tokenizer
+    backend.decoder, backend.post_processor = converted.decoder, converted.post_processor
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                for token, kind in zip(tokens, types) if kind == CONTROL_TOKEN])
+    backend.add_tokens([AddedToken(token, special=False, normalized=False)
+                        for token, kind in zip(tokens, types) if kind == USER_DEFINED_TOKEN])
+    return backend
 
 
 def _align_special_tokens(tokenizer, generation_config) -> None:
