@@ -56,15 +56,20 @@ def smollm2_hf_dir(smollm2_build) -> Path:
     return smollm2_build.hf_dir
 
 
+def serving(build, tmp_path_factory, name: str):
+    """A real tritonserver on 127.0.0.1 serving `build`'s rendered repository (free ports), for a fixture to yield."""
+    from tritonllm.server import TritonServer
+
+    log = tmp_path_factory.mktemp(name) / "tritonserver.log"
+    with TritonServer(build.repository_dir, log_file=log) as running:
+        yield running
+        assert running.is_running(), f"tritonserver died during the tests:\n{running.log_tail()}"
+
+
 @pytest.fixture(scope="session")
 def server(smollm2_build, tmp_path_factory):
     """A real tritonserver on 127.0.0.1 serving the rendered repository (free ports)."""
-    from tritonllm.server import TritonServer
-
-    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    with TritonServer(smollm2_build.repository_dir, log_file=log) as running:
-        yield running
-        assert running.is_running(), f"tritonserver died during the tests:\n{running.log_tail()}"
+    yield from serving(smollm2_build, tmp_path_factory, "triton")
 
 
 @pytest.fixture(params=["grpc", "http"])
@@ -95,12 +100,7 @@ def gemma_build():
 @pytest.fixture(scope="session")
 def gemma_server(gemma_build, tmp_path_factory):
     """A real tritonserver serving the Gemma repository (free ports)."""
-    from tritonllm.server import TritonServer
-
-    log = tmp_path_factory.mktemp("triton-gemma") / "tritonserver.log"
-    with TritonServer(gemma_build.repository_dir, log_file=log) as running:
-        yield running
-        assert running.is_running(), f"tritonserver died during the tests:\n{running.log_tail()}"
+    yield from serving(gemma_build, tmp_path_factory, "triton-gemma")
 
 
 # --- pieces without a server ----------------------------------------------------------------------------------------
