@@ -99,7 +99,7 @@ def test_unsupported_architecture_is_refused(converted, tmp_path):
     folder = _copy_without_weights(converted, tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
-    with pytest.raises(BuildError, match="model_type 'bert' is not supported; allowed: llama, mistral, qwen2"):
+    with pytest.raises(BuildError, match="model_type 'bert' is not supported; allowed: llama, qwen2, mistral, gemma3_text"):
         prepare_hf_model(folder, tmp_path)
 
 
