@@ -27,7 +27,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q -ra tests
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -ra -m "not server and not model and not gpu" tests
+	$(VENV)/bin/python -m pytest -q -ra -m "not server and not model and not gpu and not gemma" tests
 
 bench: setup
 	$(VENV)/bin/tritonllm bench

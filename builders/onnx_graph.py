@@ -43,12 +43,11 @@ from tritonllm.contract import DECODER_METADATA_FILE as METADATA_FILE
 from tritonllm.contract import PRECISIONS as GRAPH_PRECISIONS
 from tritonllm.python_backends.onnx_runner import DECODER_INPUTS, LOGITS, ONNX_FILE, past_names, present_names
 
+from .architecture import architecture_of, local_rope_config
 from .errors import BuildError
 
 AWQ_CALIBRATION_PROMPTS = 32  # activation statistics settle well before; each prompt is a forward pass
 BLOCK_SIZE = 32  # input channels per weight scale for MatMulNBits (int8 measured 0.965 agreement at 32, 0.949 at 128)
-# Architectures whose HF weights map onto this graph (Llama-style decoder blocks; qwen2 adds q/k/v biases).
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
 @dataclass(frozen=True)
@@ -74,23 +73,6 @@ class DecoderGeometry:
     @classmethod
     def load(cls, folder: Path) -> "DecoderGeometry":
         return cls(**json.loads((Path(folder) / METADATA_FILE).read_text()))
-
-
-def check_supported(config) -> None:
-    """Refuse, naming the feature, a model this graph cannot represent faithfully."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise BuildError(f"model_type {model_type!r} is not supported by the ONNX graph builder; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise BuildError(f"hidden_act {config.hidden_act!r} is not supported; supported: silu")
-    window = getattr(config, "sliding_window", None)
-    # A window no shorter than the longest position never masks anything: that is full attention.
-    if window and window < config.max_position_embeddings and getattr(config, "use_sliding_window", True):
-        raise BuildError(f"sliding-window attention (sliding_window={window} < max_position_embeddings="
-                         f"{config.max_position_embeddings}) is not supported by the ONNX graph builder")
-    if getattr(config, "mlp_bias", False):
-        raise BuildError("mlp_bias=True is not supported by the ONNX graph builder")
 
 
 def rotary_caches(config) -> tuple[np.ndarray, np.ndarray]:
@@ -135,13 +117,13 @@ class _GraphWriter:
 def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None = None,
                 ) -> tuple["onnx.ModelProto", DecoderGeometry]:
     """The fp32 graph with its weights in memory, and its geometry; `prepare` may rewrite the loaded model's weights
-    first (AWQ scaling for int4)."""
+    first (AWQ scaling for int4). Per-family differences come from `architecture_of(config)`."""
     from onnx import TensorProto, helper
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(hf_dir)
-        check_supported(config)
+        arch = architecture_of(config)
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as error:
         raise BuildError(f"cannot load the model in {hf_dir}: {type(error).__name__}: {error}") from error
@@ -150,7 +132,8 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
     state = {name: tensor.detach().float().numpy() for name, tensor in model.state_dict().items()}
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    geometry = DecoderGeometry(precision="fp32", num_layers=config.num_hidden_layers, num_heads=heads,
+    layers = config.num_hidden_layers
+    geometry = DecoderGeometry(precision="fp32", num_layers=layers, num_heads=heads,
                                num_kv_heads=kv_heads, head_dim=head_dim, hidden_size=config.hidden_size,
                                intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
                                max_position_embeddings=config.max_position_embeddings)
@@ -159,16 +142,41 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
     cos, sin = rotary_caches(config)
     g.weight("cos_cache", cos)
     g.weight("sin_cache", sin)
+    if arch.has_local_rope:
+        cos, sin = rotary_caches(local_rope_config(config))
+        g.weight("cos_cache_local", cos)
+        g.weight("sin_cache_local", sin)
+
+    def norm_weight(name: str) -> str:
+        """An RMSNorm's weight as the fused ops multiply by it: (offset + weight), folded once here."""
+        return g.weight(name, state[name] + np.float32(arch.norm_weight_offset) if arch.norm_weight_offset
+                        else state[name])
+
+    def rms_norm(value: str, weight_name: str, output: str) -> str:
+        return g.node("SimplifiedLayerNormalization", [value, norm_weight(weight_name)], [output], output, axis=-1,
+                      epsilon=epsilon)
+
+    def per_head_norm(value: str, weight_name: str, output: str) -> str:
+        """RMSNorm over head_dim of each head of a [batch, sequence, heads * head_dim] projection."""
+        split = g.node("Reshape", [value, "per_head_shape"], [f"{output}.heads"], f"{output}.split_heads")
+        normed_heads = rms_norm(split, weight_name, f"{output}.normed_heads")
+        return g.node("Reshape", [normed_heads, "merged_heads_shape"], [output], f"{output}.merge_heads")
+
+    if arch.qk_norm:
+        g.weight("per_head_shape", np.array([0, 0, -1, head_dim], np.int64))
+        g.weight("merged_heads_shape", np.array([0, 0, -1], np.int64))
+        g.weight("qkv_sizes", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
 
     embed = g.weight("model.embed_tokens.weight", state["model.embed_tokens.weight"])
     input_ids, seqlens_k, total_sequence_length, logits_index = DECODER_INPUTS
     hidden = g.node("Gather", [embed, input_ids], ["embeddings"], "embed")
+    if arch.embedding_scale is not None:
+        # HF multiplies by the normalizer cast to the hidden dtype (float32 here).
+        hidden = g.node("Mul", [hidden, g.weight("embedding_scale", np.array(arch.embedding_scale, np.float32))],
+                        ["scaled_embeddings"], "embed_scale")
     residual = hidden
-    normed = g.node("SimplifiedLayerNormalization",
-                    [hidden, g.weight("model.layers.0.input_layernorm.weight",
-                                      state["model.layers.0.input_layernorm.weight"])],
-                    ["layers.0.input_norm"], "layers.0.input_norm", axis=-1, epsilon=epsilon)
-    for layer in range(config.num_hidden_layers):
+    normed = rms_norm(hidden, "model.layers.0.input_layernorm.weight", "layers.0.input_norm")
+    for layer in range(layers):
         prefix = f"model.layers.{layer}"
         attention = f"{prefix}.self_attn"
         qkv_weight = np.concatenate([state[f"{attention}.{p}_proj.weight"] for p in "qkv"], axis=0).T
@@ -178,21 +186,31 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
             bias = np.concatenate([state[f"{attention}.{p}_proj.bias"] for p in "qkv"])
             qkv = g.node("Add", [qkv, g.weight(f"{attention}.qkv_proj.bias", bias)],
                          [f"layers.{layer}.qkv_biased"], f"layers.{layer}.qkv_bias")
+        qkv_inputs = [qkv, "", ""]
+        if arch.qk_norm:  # GQA takes q, k, v apart so that q and k can be normed before its fused rotary
+            q, k, v = g.node("Split", [qkv, "qkv_sizes"], [f"layers.{layer}.{p}" for p in "qkv"],
+                             f"layers.{layer}.qkv_split", axis=-1)
+            qkv_inputs = [per_head_norm(q, f"{attention}.q_norm.weight", f"layers.{layer}.q_normed"),
+                          per_head_norm(k, f"{attention}.k_norm.weight", f"layers.{layer}.k_normed"), v]
+        rope = ["cos_cache_local", "sin_cache_local"] if arch.local_rope[layer] else ["cos_cache", "sin_cache"]
+        # GQA's local_window_size means what HF's sliding_window means: a query sees itself and window - 1 earlier
+        # tokens (checked against HF with windows shorter than the prompts: tests/test_builders_onnx.py).
+        window = -1 if arch.windows[layer] is None else arch.windows[layer]
         attended, _, _ = g.node(
             "GroupQueryAttention",
-            [qkv, "", "", *past_names(config.num_hidden_layers)[2 * layer:2 * layer + 2], seqlens_k,
-             total_sequence_length, "cos_cache", "sin_cache"],
-            [f"layers.{layer}.attention", *present_names(config.num_hidden_layers)[2 * layer:2 * layer + 2]],
+            [*qkv_inputs, *past_names(layers)[2 * layer:2 * layer + 2], seqlens_k, total_sequence_length, *rope],
+            [f"layers.{layer}.attention", *present_names(layers)[2 * layer:2 * layer + 2]],
             f"layers.{layer}.gqa", domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
-            scale=float(getattr(config, "attention_multiplier", None) or head_dim ** -0.5), do_rotary=1,
-            rotary_interleaved=0, local_window_size=-1)
+            scale=arch.attention_scale, do_rotary=1, rotary_interleaved=0, local_window_size=window)
         projected = g.node("MatMul", [attended, g.weight(f"{attention}.o_proj.weight",
                                                          state[f"{attention}.o_proj.weight"].T)],
                            [f"layers.{layer}.o"], f"layers.{layer}.o_proj")
+        if arch.sandwich_norms:
+            projected = rms_norm(projected, f"{prefix}.post_attention_layernorm.weight",
+                                 f"layers.{layer}.attention_output_norm")
         normed, _, _, residual = g.node(
             "SkipSimplifiedLayerNormalization",
-            [projected, residual, g.weight(f"{prefix}.post_attention_layernorm.weight",
-                                           state[f"{prefix}.post_attention_layernorm.weight"])],
+            [projected, residual, norm_weight(f"{prefix}.{arch.mlp_norm}.weight")],
             [f"layers.{layer}.post_norm", "", "", f"layers.{layer}.attention_residual"],
             f"layers.{layer}.post_norm", domain="com.microsoft", epsilon=epsilon)
         mlp = f"{prefix}.mlp"
@@ -201,16 +219,22 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
                          [f"layers.{layer}.gate_up"], f"layers.{layer}.gate_up_proj")
         gate, up = g.node("Split", [gate_up], [f"layers.{layer}.gate", f"layers.{layer}.up"],
                           f"layers.{layer}.split", axis=-1, num_outputs=2)
-        activated = g.node("Mul", [gate, g.node("Sigmoid", [gate], [f"layers.{layer}.gate_sigmoid"],
-                                               f"layers.{layer}.sigmoid")],
-                           [f"layers.{layer}.silu"], f"layers.{layer}.silu")
+        if arch.activation == "gelu_pytorch_tanh":  # FastGelu is the tanh approximation of GELU
+            activated = g.node("FastGelu", [gate], [f"layers.{layer}.gelu"], f"layers.{layer}.gelu",
+                               domain="com.microsoft")
+        else:
+            activated = g.node("Mul", [gate, g.node("Sigmoid", [gate], [f"layers.{layer}.gate_sigmoid"],
+                                                   f"layers.{layer}.sigmoid")],
+                               [f"layers.{layer}.silu"], f"layers.{layer}.silu")
         gated = g.node("Mul", [activated, up], [f"layers.{layer}.gated"], f"layers.{layer}.gated")
         down = g.node("MatMul", [gated, g.weight(f"{mlp}.down_proj.weight", state[f"{mlp}.down_proj.weight"].T)],
                       [f"layers.{layer}.down"], f"layers.{layer}.down_proj")
-        is_last = layer == config.num_hidden_layers - 1
+        if arch.sandwich_norms:
+            down = rms_norm(down, f"{prefix}.post_feedforward_layernorm.weight", f"layers.{layer}.mlp_output_norm")
+        is_last = layer == layers - 1
         norm_name = "model.norm.weight" if is_last else f"model.layers.{layer + 1}.input_layernorm.weight"
         normed, _, _, residual = g.node(
-            "SkipSimplifiedLayerNormalization", [down, residual, g.weight(norm_name, state[norm_name])],
+            "SkipSimplifiedLayerNormalization", [down, residual, norm_weight(norm_name)],
             ["final_norm" if is_last else f"layers.{layer + 1}.input_norm", "", "", f"layers.{layer}.residual"],
             f"layers.{layer}.next_norm", domain="com.microsoft", epsilon=epsilon)
 
@@ -222,7 +246,14 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
     index = g.node("Expand", [index, "hidden_size"], ["logits_index_expanded"], "logits_index_expand")
     picked = g.node("GatherElements", [normed, index], ["scored_hidden"], "pick_scored", axis=1)
     lm_head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
-    g.node("MatMul", [picked, g.weight("lm_head.weight.transposed", lm_head.T)], [LOGITS], "lm_head")
+    logits = LOGITS
+    if arch.final_logit_softcap:  # logits = cap * tanh(logits / cap), as HF applies it
+        logits = "uncapped_logits"
+    g.node("MatMul", [picked, g.weight("lm_head.weight.transposed", lm_head.T)], [logits], "lm_head")
+    if arch.final_logit_softcap:
+        cap = g.weight("final_logit_softcap", np.array(arch.final_logit_softcap, np.float32))
+        divided = g.node("Div", [logits, cap], ["logits_over_cap"], "softcap_divide")
+        g.node("Mul", [g.node("Tanh", [divided], ["logits_tanh"], "softcap_tanh"), cap], [LOGITS], "softcap_scale")
 
     cache_shape = ["batch", kv_heads, "max_length", head_dim]
     inputs = [helper.make_tensor_value_info(input_ids, TensorProto.INT64, ["batch", "sequence"]),
@@ -230,10 +261,10 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
               helper.make_tensor_value_info(total_sequence_length, TensorProto.INT32, []),
               helper.make_tensor_value_info(logits_index, TensorProto.INT64, ["batch", "scored"])]
     inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
-               for name in past_names(config.num_hidden_layers)]
+               for name in past_names(layers)]
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "scored", config.vocab_size])]
     outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_shape)
-                for name in present_names(config.num_hidden_layers)]
+                for name in present_names(layers)]
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)
     model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                           helper.make_opsetid("com.microsoft", 1)],

@@ -157,8 +157,10 @@ def agreement(reference_dir: Path, candidate_dir: Path, tokenizer_dir: Path, tex
     text; per position, top-1 agreement and each build's negative log-likelihood of the text's token."""
     tokenizer = _tokenizer(tokenizer_dir)
     texts = texts if texts is not None else heldout_texts()
+    # Encoded as the server encodes a raw prompt: with the special tokens the tokenizer adds (Gemma's BOS, without
+    # which it reads text badly; SmolLM2 adds none).
     token_lists = [tokens[:context_tokens + scored_tokens] for tokens in
-                   (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)]
+                   (tokenizer(text)["input_ids"] for text in texts)]
     token_lists = [tokens for tokens in token_lists if len(tokens) > context_tokens]
     if not token_lists:
         raise BuildError(f"no held-out text is longer than {context_tokens} tokens")

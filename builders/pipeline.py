@@ -35,7 +35,7 @@ from .files import atomic_dir, link_tree
 from .onnx_graph import GRAPH_PRECISIONS, write_decoder
 from .parity import FP32_TOLERANCE, agreement, check_parity
 from tritonllm.contract import CacheSettings, EngineSettings, RepositorySettings
-from .source import content_key, prepare_hf_model
+from .source import content_key, prepare_hf_model, resolve_source
 
 BUILD_FILE = "build.json"
 GATE_FILE = "gate.json"
@@ -47,7 +47,8 @@ MAX_PERPLEXITY_INCREASE = 0.05
 
 _BUILDERS_DIR = Path(__file__).resolve().parent
 # The code (modules, found by import name) and data files (relative to builders/) each cached result is made by.
-EXPORT_CODE = ("tritonllm.builders.source", "tritonllm.builders.onnx_graph", "tritonllm.builders.parity",
+EXPORT_CODE = ("tritonllm.builders.source", "tritonllm.builders.onnx_graph", "tritonllm.builders.architecture",
+               "tritonllm.builders.awq", "tritonllm.builders.parity",
                "tritonllm.builders.errors", "data/parity_prompts.txt", "data/heldout_prompts.jsonl",
                "tritonllm.python_backends.onnx_runner", "tritonllm.python_backends.kv_slots")
 RENDER_CODE = ("tritonllm.builders.pipeline", "tritonllm.builders.repository", "tritonllm.builders.model_config",
@@ -103,11 +104,7 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
 
     with _steps(console) as step:
         with step("model source") as note:
-            if model is None:
-                from tritonllm.paths import bundled_gguf
-
-                model = bundled_gguf()
-            source = Path(model).expanduser()
+            source = resolve_source(model)
             hf_dir = prepare_hf_model(source, root, progress=note)
             source_key = content_key(source)  # the GGUF file or the HF folder itself
         embedder_dir = repository_overrides.pop("embedder_dir", None)

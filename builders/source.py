@@ -7,14 +7,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from .architecture import SUPPORTED_MODEL_TYPES
 from .errors import BuildError
 from .files import atomic_dir
 
-# Decoder-only families whose attention takes a plain (non-sliding, non-hybrid) KV cache; each passes the export
-# parity test with a tiny random model (tests/test_builders_onnx.py).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SPECIAL_TOKEN_ROLES = ("bos", "eos", "pad")
-CONVERSION_VERSION = 2  # bump when the conversion writes different files (new hf-* cache folder)
+CONVERSION_VERSION = 3  # bump when the conversion writes different files (new hf-* cache folder)
+# GGUF token types (llama.cpp's llama_token_type) of SentencePiece vocabularies.
+NORMAL_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN = 1, 3, 4
 
 ProgressNote = Callable[[str], None]
 
@@ -40,19 +40,32 @@ def _hash_file(digest: "hashlib._Hash", file: Path) -> None:
             digest.update(block)
 
 
+def resolve_source(model: str | Path | None) -> Path:
+    """The file or folder `model` names: None is the bundled SmolLM2 GGUF, a bundled model's name
+    (`tritonllm.paths.BUNDLED_MODELS`) its file, anything else a path that must exist."""
+    from tritonllm.paths import BUNDLED_MODELS, bundled_gguf
+
+    if model is None:
+        return bundled_gguf()
+    if str(model) in BUNDLED_MODELS and not Path(model).exists():
+        try:
+            return BUNDLED_MODELS[str(model)]()
+        except FileNotFoundError as error:
+            raise BuildError(f"model {str(model)!r}: {error}") from error
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise BuildError(f"model {str(model)!r} does not exist; give a Hugging Face model folder, a .gguf file or "
+                         f"a bundled model: {', '.join(BUNDLED_MODELS)}")
+    return path
+
+
 def prepare_hf_model(model: str | Path | None, cache_root: Path, progress: ProgressNote | None = None) -> Path:
-    """A validated HF folder for `model`: None (the bundled SmolLM2 GGUF), a .gguf file, or an HF folder.
+    """A validated HF folder for `model` (see `resolve_source`): a .gguf file, or an HF folder.
 
     A GGUF file is converted once into `cache_root/hf-<content hash>/` (float32 weights, tokenizer with its special
     tokens checked against the generation config); later calls return that folder. An HF folder is used in place.
     """
-    if model is None:
-        from tritonllm.paths import bundled_gguf
-
-        model = bundled_gguf()
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise BuildError(f"model {str(model)!r} does not exist; give a Hugging Face model folder or a .gguf file")
+    path = resolve_source(model)
     if path.is_dir():
         validate_hf_folder(path)
         return path
@@ -72,7 +85,7 @@ def validate_hf_folder(folder: Path) -> None:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise BuildError(f"model folder {folder}: model_type {model_type!r} is not supported; allowed: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only with a plain KV cache)")
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only)")
     if config.get("use_cache") is False:
         raise BuildError(f"model folder {folder}: config.json sets use_cache = false; the export needs a KV cache")
     check_special_tokens(folder)
@@ -137,22 +150,72 @@ def _gguf_to_hf(gguf: Path, out_dir: Path) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise BuildError(f"{gguf}: model_type {model_type!r} is not supported; allowed: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields  # parsing takes seconds (every tensor's header): once
+    if _gguf_string(fields, "tokenizer.ggml.model") == "llama" and \
+            json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"] != "BPE":
+        tokenizer._tokenizer = _sentencepiece_bpe(fields, tokenizer.backend_tokenizer)
     _align_special_tokens(tokenizer, model.generation_config)
     # transformers ignores the GGUF's add_bos_token (SmolLM2: false) and would prefix every raw prompt with
     # <|im_start|>; and its default clean-up rewrites " ." to "." on decode, which the byte-exact detokenizer never
     # does. Keep what the GGUF says, and decode text as the tokenizer's bytes say.
-    tokenizer.add_bos_token = _gguf_flag(gguf, "tokenizer.ggml.add_bos_token", default=tokenizer.add_bos_token)
+    tokenizer.add_bos_token = _gguf_flag(fields, "tokenizer.ggml.add_bos_token", default=tokenizer.add_bos_token)
     tokenizer.clean_up_tokenization_spaces = False
     model.config.architectures = [type(model).__name__]  # a config built from GGUF metadata has none
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
-def _gguf_flag(gguf: Path, key: str, default: bool) -> bool:
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(gguf)).fields.get(key)
+def _gguf_flag(fields: dict, key: str, default: bool) -> bool:
+    field = fields.get(key)
     return bool(field.parts[-1][0]) if field is not None else default
+
+
+def _gguf_string(fields: dict, key: str) -> str | None:
+    field = fields.get(key)
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+
+
+def _sentencepiece_bpe(fields: dict, converted):
+    """A GGUF's SentencePiece vocabulary (`tokenizer.ggml.model` = llama: pieces and scores, no merges) as a BPE
+    tokenizer that segments like SentencePiece BPE and llama.cpp: from characters (bytes where a character is not a
+    piece), repeatedly join the adjacent pair whose joined piece scores highest.
+
+    transformers 4.57 turns Gemma's GGUF vocabulary into a Unigram model instead, which splits common words into
+    fragments ("The capital of France is": 10 pieces against llama.cpp's 5). Normalizer, decoder and
+    post-processor stay those of `converted` (transformers' conversion); control tokens become special tokens and
+    user-defined ones (runs of spaces, tabs, newlines) added tokens, matched before the model as llama.cpp does.
+    """
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import BPE
+
+    def values(key: str) -> list:
+        field = fields[key]
+        return [field.parts[index] for index in field.data]
+
+    tokens = [bytes(part).decode("utf-8") for part in values("tokenizer.ggml.tokens")]
+    scores = [float(part[0]) for part in values("tokenizer.ggml.scores")]
+    types = [int(part[0]) for part in values("tokenizer.ggml.token_type")]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    normal = {token for token, kind in zip(tokens, types) if kind == NORMAL_TOKEN}
+    ranked = []  # (score of the joined piece, its id, cut): higher scores merge first, ties in vocabulary order
+    for index, token in enumerate(tokens):
+        if types[index] == NORMAL_TOKEN:
+            ranked += [(-scores[index], index, cut) for cut in range(1, len(token))
+                       if token[:cut] in normal and token[cut:] in normal]
+    ranked.sort()
+    merges = [(tokens[index][:cut], tokens[index][cut:]) for _, index, cut in ranked]
+    unknown = fields.get("tokenizer.ggml.unknown_token_id")
+    backend = Tokenizer(BPE(vocab, merges, unk_token=tokens[int(unknown.parts[-1][0])] if unknown else None,
+                            fuse_unk=True, byte_fallback=True))
+    backend.normalizer, backend.pre_tokenizer = converted.normalizer, converted.pre_tokenizer
+    backend.decoder, backend.post_processor = converted.decoder, converted.post_processor
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                for token, kind in zip(tokens, types) if kind == CONTROL_TOKEN])
+    backend.add_tokens([AddedToken(token, special=False, normalized=False)
+                        for token, kind in zip(tokens, types) if kind == USER_DEFINED_TOKEN])
+    return backend
 
 
 def _align_special_tokens(tokenizer, generation_config) -> None:

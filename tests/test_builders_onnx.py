@@ -117,7 +117,88 @@ def test_other_supported_families_build_with_parity(model_type, tmp_path):
 def test_an_architecture_the_builder_cannot_serve_is_refused_by_name(tmp_path):
     hf_dir = save_tiny_model(tmp_path / "gemma", "gemma")
     with pytest.raises(BuildError, match="model_type 'gemma' is not supported by the ONNX graph builder; "
-                                         "supported: llama, qwen2, mistral"):
+                                         "supported: llama, qwen2, mistral, gemma3_text"):
+        write_decoder(hf_dir, tmp_path, "fp32")
+
+
+# Gemma 3's block on a tiny random model: a window of 4 tokens, shorter than every parity prompt (36-44 tokens), so
+# the sliding layer's mask and its own RoPE base matter at every step; norms drawn away from zero so that the (1 +
+# weight) RMSNorms are exercised; final soft-capping on.
+TINY_GEMMA3 = dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                   query_pre_attn_scalar=32, rope_local_base_freq=10.0, hidden_activation="gelu_pytorch_tanh",
+                   final_logit_softcapping=3.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3_text", **TINY_GEMMA3)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_onnx(tiny_gemma3_dir, tmp_path_factory) -> Path:
+    return build(tiny_gemma3_dir, tmp_path_factory.mktemp("gemma3-graph") / "onnx-fp32")
+
+
+def test_gemma3_blocks_match_torch_across_the_sliding_window(tiny_gemma3_dir, tiny_gemma3_onnx):
+    graph = onnx.load(tiny_gemma3_onnx / ONNX_FILE, load_external_data=False).graph
+    attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    windows = [next(a.i for a in node.attribute if a.name == "local_window_size") for node in attention]
+    assert windows == [4, -1]  # the sliding layer, then the full one
+    assert [node.input[7] for node in attention] == ["cos_cache_local", "cos_cache"]
+    assert [node.op_type for node in graph.node].count("FastGelu") == 2
+    report = check_parity(tiny_gemma3_dir, tiny_gemma3_onnx, batch=3, decode_steps=3, tolerance=1e-4)
+    assert report.passed and all(step.same_argmax for step in report.steps)
+    assert min(report.prompt_lengths) > 2 * TINY_GEMMA3["sliding_window"]
+
+
+@pytest.mark.parametrize("offset", [-1, 1])
+def test_a_window_one_token_off_fails_parity(tiny_gemma3_dir, tiny_gemma3_onnx, tmp_path, offset):
+    """The window test above can tell an off-by-one: the same graph with the window one token shorter or longer
+    fails the gate."""
+    model = onnx.load(tiny_gemma3_onnx / ONNX_FILE)
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "local_window_size" and attribute.i > 0:
+                attribute.i += offset
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    onnx.save(model, changed / ONNX_FILE, save_as_external_data=True, location="model.onnx.data")
+    (changed / "decoder.json").write_text((tiny_gemma3_onnx / "decoder.json").read_text())
+    with pytest.raises(BuildError, match="parity check failed"):
+        check_parity(tiny_gemma3_dir, changed, batch=3, decode_steps=1, tolerance=1e-4)
+
+
+def test_awq_keeps_the_gemma3_function(tiny_gemma3_dir):
+    """AWQ's folds into (1 + weight) norms (and the MLP norm Gemma names pre_feedforward_layernorm) leave the
+    model's fp32 logits unchanged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tritonllm.builders.awq import apply_awq
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3_dir, dtype=torch.float32).eval()
+    tokens = torch.arange(3, 40).reshape(1, -1)
+    with torch.no_grad():
+        before = model(tokens).logits
+        apply_awq(model, [list(range(5, 30)), list(range(40, 70))], block=16)
+        after = model(tokens).logits
+    assert torch.allclose(before, after, atol=1e-4), float((before - after).abs().max())
+
+
+def test_gemma3_attention_soft_capping_is_refused_by_name(tmp_path):
+    hf_dir = save_tiny_model(tmp_path / "capped", "gemma3_text", **{**TINY_GEMMA3, "attn_logit_softcapping": 50.0})
+    with pytest.raises(BuildError, match="attn_logit_softcapping = 50.0 is not supported"):
         write_decoder(hf_dir, tmp_path, "fp32")
 
 

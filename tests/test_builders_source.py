@@ -67,7 +67,8 @@ def test_content_key_follows_names_and_bytes(tmp_path):
 
 
 def test_missing_and_unsupported_paths_are_refused(tmp_path):
-    with pytest.raises(BuildError, match="'.*nowhere' does not exist; give a Hugging Face model folder or a .gguf"):
+    with pytest.raises(BuildError, match="'.*nowhere' does not exist; give a Hugging Face model folder, a .gguf "
+                                         "file or a bundled model: smollm2-135m-instruct, gemma3-270m"):
         prepare_hf_model(tmp_path / "nowhere", tmp_path)
     (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
     with pytest.raises(BuildError, match="weights.bin' is not supported: give a Hugging Face model folder"):
@@ -98,7 +99,7 @@ def test_unsupported_architecture_is_refused(converted, tmp_path):
     folder = _copy_without_weights(converted, tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
-    with pytest.raises(BuildError, match="model_type 'bert' is not supported; allowed: llama, mistral, qwen2"):
+    with pytest.raises(BuildError, match="model_type 'bert' is not supported; allowed: llama, qwen2, mistral, gemma3_text"):
         prepare_hf_model(folder, tmp_path)
 
 
@@ -111,3 +112,43 @@ def test_special_tokens_that_disagree_with_the_generation_config_are_refused(con
     with pytest.raises(BuildError, match=r"special tokens disagree: eos: tokenizer has '<\|im_start\|>' \(id 1\), "
                                          r"generation config says id 2"):
         prepare_hf_model(folder, tmp_path)
+
+
+def sentencepiece_gguf(path: Path, pieces: dict[str, tuple[float, int]]) -> dict:
+    """The fields of a GGUF holding only a SentencePiece vocabulary: piece -> (score, GGUF token type)."""
+    from gguf import GGUFReader, GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(list(pieces))
+    writer.add_token_scores([score for score, _ in pieces.values()])
+    writer.add_token_types([kind for _, kind in pieces.values()])
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFReader(str(path)).fields
+
+
+@pytest.mark.parametrize(("ab_score", "expected"), [(-1.0, ["ab", "c"]), (-3.0, ["a", "bc"])])
+def test_sentencepiece_vocabularies_join_the_highest_scoring_pair_first(tmp_path, ab_score, expected):
+    """SentencePiece BPE as llama.cpp runs it on a GGUF vocabulary: the adjacent pair whose joined piece scores
+    highest joins first; characters outside the vocabulary fall back to byte pieces; user-defined pieces (here a run
+    of newlines) are matched whole before the model, control pieces are special."""
+    from tokenizers import Tokenizer, decoders, normalizers
+    from tokenizers.models import Unigram
+
+    from tritonllm.builders.source import _sentencepiece_bpe
+
+    pieces = {"<unk>": (0.0, 2), "<s>": (0.0, 3), "a": (-5.0, 1), "b": (-5.0, 1), "c": (-5.0, 1),
+              "ab": (ab_score, 1), "bc": (-2.0, 1), "▁": (-4.0, 1), "▁a": (-1.5, 1), "\n\n": (0.0, 4),
+              **{f"<0x{byte:02X}>": (0.0, 6) for byte in range(256)}}
+    converted = Tokenizer(Unigram())  # carries what transformers' conversion decided around the model
+    converted.normalizer = normalizers.Replace(" ", "▁")
+    converted.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = _sentencepiece_bpe(sentencepiece_gguf(tmp_path / "vocab.gguf", pieces), converted)
+    assert tokenizer.encode("abc", add_special_tokens=False).tokens == expected
+    encoding = tokenizer.encode("abc a\n\né<s>", add_special_tokens=False)
+    assert encoding.tokens == [*expected, "▁a", "\n\n", "<0xC3>", "<0xA9>", "<s>"]
+    assert tokenizer.decode(encoding.ids, skip_special_tokens=True) == "abc a\n\né"

