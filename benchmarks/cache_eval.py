@@ -8,13 +8,18 @@
 
 Without --embedder-dir the bundled MiniLM is exported (and checked) into a temporary folder first.
 
-Verifier: `builders/data/cache_pairs_calibration.jsonl` (the train split, shipped with the package: a build derives
-its threshold on it) and `data/cache_pairs_heldout.jsonl` (both from make_cache_pairs.py) hold pairs of a cached
-prompt `a` and a new prompt `b`, label `hit` (serving a's answer is right) or `miss` (a near miss), with a category.
+Verifier: the train splits ship with the package (a build derives its threshold on them): `builders/data/
+cache_pairs_calibration.jsonl` (from templates, make_cache_pairs.py) and `builders/data/cache_pairs_natural_train.jsonl`
+(written by hand). The held-out splits: `data/cache_pairs_heldout.jsonl` (templates), `data/
+cache_pairs_natural_heldout.jsonl` (by hand, written with the natural train split before any rule was changed) and the
+independently written `data/paraphrases.jsonl`, which no rule was developed on. Each holds pairs of a cached prompt `a`
+and a new prompt `b`, label `hit` (serving a's answer is right) or `miss` (a near miss), with a category (`kind`; a
+hand-written paraphrase also names its `rephrasing`: frame, contraction, politeness, order, inflection, synonym,
+terse).
 A pair "hits" as in the cache: cosine(a, b) >= threshold and the verifier accepts it. Precision = right hits / all
 hits, recall = right hits / should-hit pairs, false-hit rate = 1 - precision. The threshold is derived on the train
-split only (`builders/cache_calibration.py`, as a build derives it), then the held-out split and the independently
-written `data/paraphrases.jsonl` are reported at it, per category.
+splits only (`builders/cache_calibration.py`, as a build derives it), then each held-out split is reported at it, per
+category and per rephrasing.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from tritonllm.builders.cache_calibration import calibrate, load_pairs, scored, 
 
 DATA = Path(__file__).resolve().parent / "data" / "paraphrases.jsonl"
 HELDOUT = DATA.with_name("cache_pairs_heldout.jsonl")  # written by make_cache_pairs.py, like the calibration pairs
+NATURAL_HELDOUT = DATA.with_name("cache_pairs_natural_heldout.jsonl")
+HELDOUT_SPLITS = {"heldout": HELDOUT, "natural_heldout": NATURAL_HELDOUT, "paraphrases_jsonl": DATA}
 
 
 def verifier_report(embedder, max_false_hit_rate: float) -> dict:
@@ -41,13 +48,16 @@ def verifier_report(embedder, max_false_hit_rate: float) -> dict:
     threshold = calibration.similarity_threshold
     report = {"max_false_hit_rate": max_false_hit_rate, "threshold_from_train": threshold,
               "train": calibration.__dict__, "train_table": threshold_table(scored(embedder, load_pairs()))}
-    for name, pairs in (("heldout", load_pairs(HELDOUT)), ("paraphrases_jsonl", load_pairs(DATA))):
+    for name, path in HELDOUT_SPLITS.items():
+        pairs = load_pairs(path)
         cosine, should_hit, accepted = scored(embedder, pairs)
         report[name] = served_at((cosine, should_hit, accepted), threshold)
         report[name]["cosine_only_at_threshold"] = served_at((cosine, should_hit, np.ones_like(accepted)), threshold)
-        report[name]["by_kind"] = {kind: served_at((cosine[chosen], should_hit[chosen], accepted[chosen]), threshold)
-                                   for kind in sorted({pair["kind"] for pair in pairs})
-                                   for chosen in [np.array([pair["kind"] == kind for pair in pairs])]}
+        for group in ("kind", "rephrasing"):
+            report[name][f"by_{group}"] = {
+                value: served_at((cosine[chosen], should_hit[chosen], accepted[chosen]), threshold)
+                for value in sorted({pair[group] for pair in pairs if group in pair})
+                for chosen in [np.array([pair.get(group) == value for pair in pairs])]}
         report[name]["wrong_hit_pairs"] = [pair for pair, wrong in zip(pairs, (cosine >= threshold) & accepted & ~should_hit)
                                            if wrong]
     return report
