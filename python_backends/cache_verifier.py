@@ -309,16 +309,22 @@ def _synonyms(first: str, second: str) -> bool:
     """Whether two content words share one of their common WordNet senses (in a lemma of each, of the same degree:
     "biggest" / "largest") and are no antonyms."""
     lexicon = _lexicon()
-    for lemma in _lemmas(first):
+    for lemma in _graded(_lemmas(first)):
         base, _, degree = lemma.partition("+")
         entry = lexicon.get(base)
         if entry is None:
             continue
         synonyms, antonyms, _ = entry
-        others = {other.partition("+")[0] for other in _lemmas(second) if other.partition("+")[2] == degree}
+        others = {other.partition("+")[0] for other in _graded(_lemmas(second)) if other.partition("+")[2] == degree}
         if others & synonyms and not others & antonyms:
             return True
     return False
+
+
+def _graded(lemmas: frozenset[str]) -> frozenset[str]:
+    """A comparative or superlative as its graded lemma only: WordNet also lists "bigger" as an adjective similar to
+    "big", which must not make "bigger" a synonym of "big"."""
+    return frozenset(lemma for lemma in lemmas if "+" in lemma) or lemmas
 
 
 # WordNet's morphy: suffix rules per part of speech; a rule counts only when it yields a lemma of that part.
