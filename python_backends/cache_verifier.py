@@ -15,14 +15,15 @@ is an alignment of content words: both prompts are read into
 - where those words stand: a prompt is cut into phrases at punctuation, question words and prepositions; phrases may
   move ("in Python, how do I reverse a list" / "how do I reverse a list in Python") and the parts of "A and B" / "A or
   B" may swap, but words never move inside a phrase or across a direction word ("euros to dollars" / "dollars to
-  euros", "Romans conquer Greeks" / "Greeks conquer Romans").
+  euros", "Romans conquer Greeks" / "Greeks conquer Romans"); a terse form without prepositions may stand for one
+  with neutral ones only ("Berlin weather forecast" / "weather forecast for Berlin").
 
 Before reading, common question frames are rewritten to one form each: "how much does X cost" / "what does X cost" /
 "X price" -> "what is the price of X"; "how tall is X" -> "what is the height of X" (age, length, distance, depth,
 weight, size, speed, width alike); "what does X mean / stand for", "X short for" -> "what is the meaning of X"; "who
-is the painter of X" -> "who painted X"; "what year" -> "when".
+is the painter of X" -> "who painted X"; "what year" -> "when"; "how many miles is 10 km" -> "convert 10 km to miles".
 
-A candidate is served only when all four agree. Any content word present on one side only (another entity, an
+A candidate is served only when all of these agree. Any content word present on one side only (another entity, an
 antonym, a comparative, a constraint, another language) or the same words in another order is a conflict. Precision
 comes first: a paraphrase the rules cannot align is a miss (it costs one generation), never a wrong answer.
 """
@@ -168,8 +169,8 @@ def read(prompt: str) -> Reading:
     text = unicodedata.normalize("NFKC", prompt).lower().replace("\u2019", "'").replace("`", "'")
     for pattern, replacement in _CONTRACTIONS:
         text = re.sub(pattern, replacement, text)
-    for pattern, replacement in _FRAMES:
-        text = re.sub(pattern, replacement, text)
+    for pattern, replacement in _FRAME_PATTERNS:
+        text = pattern.sub(replacement, text)
     tokens = _possessives_as_of(_tokens(text))
     question: list[str] = []
     numbers: list[str] = []
@@ -355,6 +356,12 @@ def _lemmas(word: str) -> frozenset[str]:
     return frozenset(lemmas)
 
 
+def load_lexicon() -> None:
+    """Read the WordNet tables now (about a second), so that the first lookup does not wait for them."""
+    _lexicon()
+    _exceptions()
+
+
 @lru_cache(maxsize=1)
 def _lexicon() -> dict[str, tuple[frozenset[str], frozenset[str], str]]:
     """word -> (synonyms, antonyms, parts of speech), from WordNet 3.0 (benchmarks/make_wordnet_lexicon.py)."""
@@ -471,4 +478,5 @@ def _match_phrase(tokens: list[tuple[str, str]], position: int, phrases: dict[st
 
 
 _FRAMING_PHRASES = _phrases(_FRAMING)
+_FRAME_PATTERNS = [(re.compile(pattern), replacement) for pattern, replacement in _FRAMES]
 _HOW_PHRASES = _phrases(_HOW)
