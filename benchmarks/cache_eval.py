@@ -3,18 +3,23 @@
     python benchmarks/cache_eval.py verifier [--embedder-dir DIR] [--max-false-hit-rate 0.01]  # labelled pairs
     python benchmarks/cache_eval.py index [--entries 100000] [--hnsw] # faiss flat vs our IVF partition (vs HNSW)
     python benchmarks/cache_eval.py embedding [--embedder-dir DIR]    # batch 1 and 8, 1 and 2 threads
-    python benchmarks/cache_eval.py e2e --url 127.0.0.1:8001          # a served llm model: hit vs miss over gRPC
+    python benchmarks/cache_eval.py e2e --url 127.0.0.1:8001 [--url B] [--pairs natural_heldout]  # served llm models
     python benchmarks/cache_eval.py all --out results.json            # all but e2e
 
 Without --embedder-dir the bundled MiniLM is exported (and checked) into a temporary folder first.
 
-Verifier: `builders/data/cache_pairs_calibration.jsonl` (the train split, shipped with the package: a build derives
-its threshold on it) and `data/cache_pairs_heldout.jsonl` (both from make_cache_pairs.py) hold pairs of a cached
-prompt `a` and a new prompt `b`, label `hit` (serving a's answer is right) or `miss` (a near miss), with a category.
+Verifier: the train splits ship with the package (a build derives its threshold on them): `builders/data/
+cache_pairs_calibration.jsonl` (from templates, make_cache_pairs.py) and `builders/data/cache_pairs_natural_train.jsonl`
+(written by hand). The held-out splits: `data/cache_pairs_heldout.jsonl` (templates), `data/
+cache_pairs_natural_heldout.jsonl` (by hand, written with the natural train split before any rule was changed) and the
+independently written `data/paraphrases.jsonl`, which no rule was developed on. Each holds pairs of a cached prompt `a`
+and a new prompt `b`, label `hit` (serving a's answer is right) or `miss` (a near miss), with a category (`kind`; a
+hand-written paraphrase also names its `rephrasing`: frame, contraction, politeness, order, inflection, synonym,
+terse).
 A pair "hits" as in the cache: cosine(a, b) >= threshold and the verifier accepts it. Precision = right hits / all
 hits, recall = right hits / should-hit pairs, false-hit rate = 1 - precision. The threshold is derived on the train
-split only (`builders/cache_calibration.py`, as a build derives it), then the held-out split and the independently
-written `data/paraphrases.jsonl` are reported at it, per category.
+splits only (`builders/cache_calibration.py`, as a build derives it), then each held-out split is reported at it, per
+category and per rephrasing.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from tritonllm.builders.cache_calibration import calibrate, load_pairs, scored, 
 
 DATA = Path(__file__).resolve().parent / "data" / "paraphrases.jsonl"
 HELDOUT = DATA.with_name("cache_pairs_heldout.jsonl")  # written by make_cache_pairs.py, like the calibration pairs
+NATURAL_HELDOUT = DATA.with_name("cache_pairs_natural_heldout.jsonl")
+HELDOUT_SPLITS = {"heldout": HELDOUT, "natural_heldout": NATURAL_HELDOUT, "paraphrases_jsonl": DATA}
 
 
 def verifier_report(embedder, max_false_hit_rate: float) -> dict:
@@ -41,13 +48,16 @@ def verifier_report(embedder, max_false_hit_rate: float) -> dict:
     threshold = calibration.similarity_threshold
     report = {"max_false_hit_rate": max_false_hit_rate, "threshold_from_train": threshold,
               "train": calibration.__dict__, "train_table": threshold_table(scored(embedder, load_pairs()))}
-    for name, pairs in (("heldout", load_pairs(HELDOUT)), ("paraphrases_jsonl", load_pairs(DATA))):
+    for name, path in HELDOUT_SPLITS.items():
+        pairs = load_pairs(path)
         cosine, should_hit, accepted = scored(embedder, pairs)
         report[name] = served_at((cosine, should_hit, accepted), threshold)
         report[name]["cosine_only_at_threshold"] = served_at((cosine, should_hit, np.ones_like(accepted)), threshold)
-        report[name]["by_kind"] = {kind: served_at((cosine[chosen], should_hit[chosen], accepted[chosen]), threshold)
-                                   for kind in sorted({pair["kind"] for pair in pairs})
-                                   for chosen in [np.array([pair["kind"] == kind for pair in pairs])]}
+        for group in ("kind", "rephrasing"):
+            report[name][f"by_{group}"] = {
+                value: served_at((cosine[chosen], should_hit[chosen], accepted[chosen]), threshold)
+                for value in sorted({pair[group] for pair in pairs if group in pair})
+                for chosen in [np.array([pair.get(group) == value for pair in pairs])]}
         report[name]["wrong_hit_pairs"] = [pair for pair, wrong in zip(pairs, (cosine >= threshold) & accepted & ~should_hit)
                                            if wrong]
     return report
@@ -123,35 +133,48 @@ def embedding_latency(embedder_dir: Path, repeats: int = 100) -> dict:
     return results
 
 
-def end_to_end_latency(url: str, model: str, requests: int, max_tokens: int) -> dict:
-    """Streaming gRPC requests to the front model: `requests` distinct questions (misses: a fresh tenant, so nothing is
-    cached yet), the same questions again (exact hits), then a paraphrase of each (embedding lookups: hits or misses
-    by the server's threshold and verifier; held-out pairs). Time to the first response and to the last, per kind, and of
-the hits alone."""
+def end_to_end_latency(urls: list[str], model: str, requests: int, max_tokens: int, pairs: Path) -> dict:
+    """Streaming gRPC requests to the front model of each server in `urls` (side by side: each request goes to every
+    server in turn, the order rotating): `requests` distinct questions (misses: a fresh tenant, so nothing is cached
+    yet), the same questions again (exact hits), then a paraphrase of each (hits or misses by the server's threshold
+    and verifier; the should-hit pairs of `pairs`). Time to the first response and to the last, per kind, and of the
+    hits alone; paraphrase hits also apart by how they were found: `same_reading` (the verifier's normal form, by
+    hash: similarity 1.0) or `embedded` (the vector index, similarity < 1)."""
     import uuid
 
     from tritonllm.client.api import GenerationParams, LLMClient
 
-    client = LLMClient(url, "grpc", model=model)
+    clients = [LLMClient(url, "grpc", model=model) for url in urls]
     params = GenerationParams(max_tokens=max_tokens, apply_chat_template=True, tenant=f"bench-{uuid.uuid4().hex}")
-    pairs = [pair for pair in load_pairs(HELDOUT) if pair["label"] == "hit"]
-    questions = list(dict.fromkeys(pair["a"] for pair in pairs))[:requests]
-    paraphrases = [next(pair["b"] for pair in pairs if pair["a"] == question) for question in questions]
-    results = {}
+    should_hit = [pair for pair in load_pairs(pairs) if pair["label"] == "hit"]
+    questions = list(dict.fromkeys(pair["a"] for pair in should_hit))[:requests]
+    paraphrases = [next(pair["b"] for pair in should_hit if pair["a"] == question) for question in questions]
+    results = {url: {"pairs": pairs.name} for url in urls}
     for kind, prompts in (("miss", questions), ("exact_hit", questions), ("paraphrase", paraphrases)):
-        first, total, hit_totals = [], [], []
-        for prompt in prompts:
-            started = time.perf_counter()
-            events = list(client.events(prompt, params, stream=True))
-            first.append(events[0].received_at - started)
-            total.append(time.perf_counter() - started)
-            if events[0].cache_hit:
-                hit_totals.append(total[-1])
-        results[kind] = {"requests": len(prompts), "cache_hits": len(hit_totals),
-                         **{f"{name}_{q}_ms": float(np.percentile(np.array(values) * 1e3, int(q[1:])))
-                            for name, values in (("first_response", first), ("total", total),
-                                                 ("hit_total", hit_totals)) if values
-                            for q in ("p50", "p99")}}
+        first = {url: [] for url in urls}
+        total = {url: [] for url in urls}
+        hit_totals = {url: {"same_reading": [], "embedded": []} for url in urls}
+        for position, prompt in enumerate(prompts):
+            for turn in range(len(urls)):
+                chosen = (position + turn) % len(urls)
+                url = urls[chosen]
+                started = time.perf_counter()
+                events = list(clients[chosen].events(prompt, params, stream=True))
+                first[url].append(events[0].received_at - started)
+                total[url].append(time.perf_counter() - started)
+                if events[0].cache_hit:
+                    path = "same_reading" if events[0].cache_similarity == 1.0 else "embedded"
+                    hit_totals[url][path].append(total[url][-1])
+        for url in urls:
+            paths = hit_totals[url] if kind == "paraphrase" else {}
+            hits = hit_totals[url]["same_reading"] + hit_totals[url]["embedded"]
+            results[url][kind] = {
+                "requests": len(prompts), "cache_hits": len(hits),
+                **{f"{path}_hits": len(values) for path, values in paths.items()},
+                **{f"{name}_{q}_ms": float(np.percentile(np.array(values) * 1e3, int(q[1:])))
+                   for name, values in (("first_response", first[url]), ("total", total[url]), ("hit_total", hits),
+                                        *((f"{path}_hit_total", values) for path, values in paths.items()))
+                   if values for q in ("p50", "p95")}}
     return results
 
 
@@ -162,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-false-hit-rate", type=float, default=0.01, help="verifier: the error budget")
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--hnsw", action="store_true", help="also build faiss HNSW (minutes at 100k on 2 cores)")
-    parser.add_argument("--url", default="127.0.0.1:8001", help="e2e: gRPC address of the server")
+    parser.add_argument("--url", action="append", help="e2e: gRPC address of a server (default 127.0.0.1:8001); "
+                                                       "several are measured side by side")
     parser.add_argument("--model", default="llm", help="e2e: the front model's name")
     parser.add_argument("--requests", type=int, default=30, help="e2e: distinct prompts (each asked twice)")
     parser.add_argument("--max-tokens", type=int, default=32, help="e2e: tokens per answer")
+    parser.add_argument("--pairs", choices=sorted(HELDOUT_SPLITS), default="natural_heldout",
+                        help="e2e: the held-out split whose should-hit pairs are asked")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -185,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.what in ("index", "all"):
             results["index"] = index_latency(args.entries, args.hnsw)
         if args.what == "e2e":
-            results["e2e"] = end_to_end_latency(args.url, args.model, args.requests, args.max_tokens)
+            results["e2e"] = end_to_end_latency(args.url or ["127.0.0.1:8001"], args.model, args.requests,
+                                                args.max_tokens, HELDOUT_SPLITS[args.pairs])
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

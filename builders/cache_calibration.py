@@ -1,13 +1,13 @@
 """Derive the semantic cache's cosine floor from the operator's error budget (`CacheSettings.max_false_hit_rate`).
 
-The calibration pairs (`data/cache_pairs_calibration.jsonl`, the train split of `benchmarks/make_cache_pairs.py`)
-are a cached prompt `a`, a new prompt `b`, a label `hit` (serving a's answer for b is right) or `miss` (a near miss)
+The calibration pairs (`data/cache_pairs_calibration.jsonl`, the train split of `benchmarks/make_cache_pairs.py`,
+and `data/cache_pairs_natural_train.jsonl`, the train split of the pairs written by hand) are a cached prompt `a`, a new prompt `b`, a label `hit` (serving a's answer for b is right) or `miss` (a near miss)
 and a category. A pair is served as in the cache: cosine(a, b) >= floor and the verifier accepts it. The derived
 floor is the lowest one on a 0.01 grid from which every higher floor also keeps the false-hit rate (wrong hits / all
 hits) within the budget: 1.0 when none does. `benchmarks/cache_eval.py verifier` reports held-out splits at it.
 
 Embedding the pairs takes seconds, so a derivation is stored under the build cache, keyed by the embedder, the
-pairs, the verifier's code and the budget.
+pairs, the verifier's code and data and the budget.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from tritonllm.contract import CacheSettings, SettingsError
 from tritonllm.paths import cache_dir
 from .source import content_key
 
-CALIBRATION_PAIRS = Path(__file__).resolve().parent / "data" / "cache_pairs_calibration.jsonl"
+CALIBRATION_PAIRS = (Path(__file__).resolve().parent / "data" / "cache_pairs_calibration.jsonl",
+                     Path(__file__).resolve().parent / "data" / "cache_pairs_natural_train.jsonl")
 THRESHOLDS = [round(0.50 + 0.01 * step, 2) for step in range(50)]
 
 
@@ -39,8 +40,10 @@ class Calibration:
     false_hit_rate: float
 
 
-def load_pairs(path: Path = CALIBRATION_PAIRS) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+def load_pairs(*paths: Path) -> list[dict]:
+    """The pairs of `paths` (default: the calibration pairs), in order."""
+    return [json.loads(line) for path in paths or CALIBRATION_PAIRS
+            for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def scored(embedder, pairs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,8 +100,9 @@ def resolve_threshold(cache: CacheSettings, embedder_dir: Path) -> tuple[CacheSe
     from tritonllm.python_backends import cache_verifier
     from tritonllm.python_backends.embedding import Embedder
 
-    key = "-".join(content_key(path)[:16] for path in (Path(embedder_dir), CALIBRATION_PAIRS,
-                                                       Path(cache_verifier.__file__)))
+    key = "-".join(content_key(path)[:16] for path in (Path(embedder_dir), *CALIBRATION_PAIRS,
+                                                       Path(cache_verifier.__file__), cache_verifier.LEXICON_FILE,
+                                                       cache_verifier.EXCEPTIONS_FILE))
     stored = cache_dir() / "cache-calibration" / f"{key}-{cache.max_false_hit_rate!r}.json"
     if stored.is_file():
         calibration = Calibration(**json.loads(stored.read_text()))

@@ -9,13 +9,23 @@ is an alignment of content words: both prompts are read into
   one "how"),
 - the numbers, times and units (7 am == 7:00 == 07:00; 1,000 == 1000 == one thousand; km == kilometres),
 - polarity (an odd number of not / no / never / without / n't),
-- the content words in order (function words, request framing like "can you tell me" and politeness dropped; plurals
-  and possessives normalised, "life's meaning" read as "meaning of life"),
+- the content words (function words, request framing like "can you tell me" and politeness dropped; each word read
+  with its WordNet lemmas, so "changing" / "change", "spoken" / "speak", "largest" / "large" (degree kept: "cheaper" is
+  not "cheap"); a WordNet synonym of a word counts as that word),
+- where those words stand: a prompt is cut into phrases at punctuation, question words and prepositions; phrases may
+  move ("in Python, how do I reverse a list" / "how do I reverse a list in Python") and the parts of "A and B" / "A or
+  B" may swap, but words never move inside a phrase or across a direction word ("euros to dollars" / "dollars to
+  euros", "Romans conquer Greeks" / "Greeks conquer Romans"); a terse form without prepositions may stand for one
+  with neutral ones only ("Berlin weather forecast" / "weather forecast for Berlin").
 
-and a candidate is served only when all four agree. Any content word present on one side only (another entity, an
+Before reading, common question frames are rewritten to one form each: "how much does X cost" / "what does X cost" /
+"X price" -> "what is the price of X"; "how tall is X" -> "what is the height of X" (age, length, distance, depth,
+weight, size, speed, width alike); "what does X mean / stand for", "X short for" -> "what is the meaning of X"; "who
+is the painter of X" -> "who painted X"; "what year" -> "when"; "how many miles is 10 km" -> "convert 10 km to miles".
+
+A candidate is served only when all of these agree. Any content word present on one side only (another entity, an
 antonym, a comparative, a constraint, another language) or the same words in another order is a conflict. Precision
-comes first: a paraphrase that swaps a content word for a synonym is a miss (it costs one generation), never a
-wrong answer.
+comes first: a paraphrase the rules cannot align is a miss (it costs one generation), never a wrong answer.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from functools import lru_cache
 from pathlib import Path
 
 LEXICON_FILE = Path(__file__).resolve().parent / "data" / "wordnet_lexicon.tsv"
+EXCEPTIONS_FILE = LEXICON_FILE.with_name("wordnet_exceptions.tsv")  # irregular forms (wrote -> write)
 
 # Request framing: dropped wherever it appears ("Could you please tell me ...", "..., thanks").
 _FRAMING = [
@@ -35,6 +46,7 @@ _FRAMING = [
     "i need to know", "i wonder", "i am wondering", "i was wondering", "do you know", "does anyone know",
     "any idea", "quick question", "question", "help me understand", "help me", "i need help", "hey", "hi", "hello",
     "thanks", "thank you", "right now", "in simple terms", "briefly", "give me", "i need", "i want", "in detail",
+    "would you mind telling me", "would you mind", "telling me", "thanks in advance", "in advance",
 ]
 # Ways to ask "how": each reads as one question word.
 _HOW = [
@@ -45,7 +57,33 @@ _HOW = [
     "what steps do i take to", "what steps should i take to", "what do i do to", "what should i do to", "the way to",
     "the best way to", "ways to", "steps to", "the steps to", "a way to", "a good way to", "good way to",
     "an easy way to", "easiest way to", "best way to", "best method to", "the best method to", "method to",
-    "is there a way to", "is it possible to",
+    "is there a way to", "is it possible to", "tips for", "tips on", "tips to", "some tips for", "advice on",
+    "advice for", "a guide to", "guide to",
+]
+# Question frames rewritten to one form before reading (on lower-case text with contractions expanded).
+_ATTRIBUTES = {"tall": "height", "high": "height", "old": "age", "long": "length", "far": "distance",
+               "deep": "depth", "heavy": "weight", "big": "size", "large": "size", "fast": "speed", "wide": "width"}
+_ATTRIBUTE_NOUNS = sorted({*_ATTRIBUTES.values(), "price", "cost", "population", "meaning"})
+_AGENT_VERBS = {"author": "wrote", "writer": "wrote"}  # others are the verb + -er / -or (painter, inventor)
+_FRAMES = [
+    (r"\bhow much (?:(?:does|do|did|will|would|should) )?(.+?) costs?\b", r"what is the price of \1"),
+    (r"\bwhat (?:does|do|did|will|would) (.+?) cost\b", r"what is the price of \1"),
+    (r"\bhow (?:much|expensive) (?:is|are)\b(?![^?.!]*\d)", "what is the price of"),  # not "how much is 2 + 2"
+    (r"\bhow much (?:(?:does|do|did) )?(.+?) weighs?\b", r"what is the weight of \1"),
+    (rf"\bhow ({'|'.join(_ATTRIBUTES)}) (?:is|are|was|were)\b", lambda match: f"what is the "
+                                                                       f"{_ATTRIBUTES[match.group(1)]} of"),
+    (r"\bhow many people live in\b", "what is the population of"),
+    (r"\bhow many (\w+) (?:are in|is in|is|are|in|make) ([^?.!]*\d[^?.!]*)",  # "how many km are 5 miles"
+     lambda match: f"convert {match.group(2)} to {match.group(1)}" if match.group(1) in _UNITS else match.group(0)),
+    (r"\bwhat (?:does|do|did) (.+?) (?:mean|stand for)\b", r"what is the meaning of \1"),
+    (r"\bwhat is (.+?) short for\b", r"what is the meaning of \1"),
+    (r"\b(?:meaning|definition) of the (?:word|term|phrase|acronym|abbreviation)\b", "meaning of"),
+    (r"\bdefinition\b", "meaning"),
+    (r"\b(?:in )?(?:what|which) year\b", "when"),
+    (r"\bwhere (is|are|was|were) (.+?) (?:located|situated)\b", r"where \1 \2"),
+    (r"\bwho (?:is|was|are|were) the (\w+) of\b", lambda match: f"who {_agent_verb(match.group(1))}"),
+    (rf"^(?!\W*(?:what|which|who|how|when|where|why)\b)(.+?) ({'|'.join(_ATTRIBUTE_NOUNS)})\W*$",
+     r"what is the \2 of \1"),  # terse "iPhone 15 price?"
 ]
 # "what" and "how" ask for the same thing more often than not ("what is the population" / "how many people live",
 # "what does it cost" / "how much does it cost"); the content words still have to agree.
@@ -55,18 +93,23 @@ _QUESTION_WORDS = {"what": "what", "which": "what", "how": "what", "who": "who",
 # in/out, up/down, before/after, with/without, more/less, than) are kept unless their counterpart is listed here:
 # "to", "on", "in" and "with" are dropped, so "from", "off", "out" and "without" stand unmatched against them.
 _FUNCTION_WORDS = set("""
-a an the of for at by about as in on to into onto with is are was were be been being am do does did doing done have
+a an the is are was were be been being am do does did doing done have
 has had having i me my mine myself you your yours yourself we us our ours they them their theirs it its itself he him
-his she her hers this that these those there here and or so if then just really actually exactly basically some any
+his she her hers this that these those there here so if then just really actually exactly basically some any
 anything something someone anyone thing things get got getting go going gonna wanna would will shall should may
 might must can could also too very quite pretty kind sort like well ok okay now currently
 """.split())
-# Any of these makes word order meaningful ("string to integer", "python in excel"); without one, the same content
-# words in another order ask the same ("difference between tcp and udp" / "... udp and tcp").
-_RELATIONAL = set("""
-to from into onto in on at of for by with without than before after over under above below per vs versus against
-toward towards through via within across behind beyond
+# Prepositions start a phrase that may move. A direction word keeps its identity ("from X" is not "to X"); the others
+# are one neutral marker ("on Windows" / "in Windows"), never equal to no preposition ("python in excel").
+_DIRECTIONS = set("""
+to from into onto than before after over under above below per vs versus against toward towards through via within
+across behind beyond between without
 """.split())
+_NEUTRAL_PREPOSITIONS = {"in", "on", "at", "of", "for", "with", "by", "about", "as"}
+_CONJUNCTIONS = {"and", "or"}  # the parts they join may swap
+_TIME_ADVERBS = {"today", "tomorrow", "tonight", "yesterday"}  # a phrase of their own: they move freely
+# Spellings of one content word.
+_CANONICAL = {"cost": "price", "costs": "price", "prices": "price", "pricing": "price"}
 _NEGATIONS = {"not", "no", "never", "without", "nor", "none", "nothing", "neither", "nobody", "nowhere", "cannot"}
 _CONTRACTIONS = [(r"\bcan't\b", "can not"), (r"\bwon't\b", "will not"), (r"\bshan't\b", "shall not"),
                  (r"n't\b", " not"), (r"'re\b", " are"), (r"'m\b", " am"), (r"'ll\b", " will"), (r"'d\b", " would"),
@@ -106,6 +149,7 @@ _TOKEN = re.compile(r"""
   | (?P<number>\d+(?:[.,]\d+)*(?:st|nd|rd|th)?)
   | (?P<word>[^\W\d_]+(?:[+#]+|(?:'[^\W\d_]+)?))
   | (?P<symbol>[$€£%])
+  | (?P<separator>[,;:?!.()\[\]])
 """, re.VERBOSE)
 
 
@@ -116,8 +160,8 @@ class Reading:
     question: tuple[str, ...]  # sorted question words
     numbers: tuple[str, ...]  # sorted normalised numbers and times
     negated: bool
-    content: tuple[str, ...]  # content words (and units) in order
-    relational: bool  # holds a preposition, so content word order matters
+    content: tuple[str, ...]  # content words (numbers as "#7", units canonical) in order
+    layout: tuple[tuple[str, str], ...]  # ("word", w) | ("preposition", p) | ("and", "") | ("break", ""), in order
 
 
 @lru_cache(maxsize=65536)  # a cached prompt is read once per lookup that finds it; prompts repeat
@@ -125,18 +169,19 @@ def read(prompt: str) -> Reading:
     text = unicodedata.normalize("NFKC", prompt).lower().replace("\u2019", "'").replace("`", "'")
     for pattern, replacement in _CONTRACTIONS:
         text = re.sub(pattern, replacement, text)
-    tokens = _tokens(text)
-    tokens = _possessives_as_of(tokens)
-    relational = any(token in _RELATIONAL for _, token in tokens)
+    for pattern, replacement in _FRAME_PATTERNS:
+        text = pattern.sub(replacement, text)
+    tokens = _possessives_as_of(_tokens(text))
     question: list[str] = []
     numbers: list[str] = []
     negations = 0
-    content: list[str] = []
+    layout: list[tuple[str, str]] = []
     position = 0
     while position < len(tokens):
         how = _match_phrase(tokens, position, _HOW_PHRASES)
         if how:
             question.append("what")
+            layout.append(("break", ""))
             position += how
             continue
         framing = _match_phrase(tokens, position, _FRAMING_PHRASES)
@@ -147,19 +192,31 @@ def read(prompt: str) -> Reading:
         position += 1
         if kind in ("time", "number"):
             numbers.append(token)
-            content.append("#")  # where the number stands matters ("5 km to miles" vs "5 miles to km")
+            layout.append(("word", f"#{token}"))  # where the number stands matters ("5 km to miles")
+        elif kind == "separator":
+            layout.append(("break", ""))
         elif token in _QUESTION_WORDS:
             question.append(_QUESTION_WORDS[token])
+            layout.append(("break", ""))
         elif token in _NEGATIONS:
             negations += 1
+            if token == "without":
+                layout.append(("preposition", token))
         elif token in _NUMBER_WORDS:
             numbers.append(_NUMBER_WORDS[token])
-            content.append("#")
+            layout.append(("word", f"#{_NUMBER_WORDS[token]}"))
+        elif token in _DIRECTIONS or token in _NEUTRAL_PREPOSITIONS:
+            layout.append(("preposition", token if token in _DIRECTIONS else "~"))
+        elif token in _CONJUNCTIONS:
+            layout.append(("and", ""))
+        elif token in _TIME_ADVERBS:
+            layout += [("break", ""), ("word", token), ("break", "")]
         elif token in _UNITS:
-            content.append(_UNITS[token])
+            layout.append(("word", _UNITS[token]))
         elif token not in _FUNCTION_WORDS:
-            content.append(_MONTHS.get(token) or _ORDINALS.get(token) or _stem(token))
-    return Reading(tuple(sorted(question)), tuple(sorted(numbers)), negations % 2 == 1, tuple(content), relational)
+            layout.append(("word", _CANONICAL.get(token) or _MONTHS.get(token) or _ORDINALS.get(token) or token))
+    content = tuple(word for kind, word in layout if kind == "word")
+    return Reading(tuple(sorted(question)), tuple(sorted(numbers)), negations % 2 == 1, content, tuple(layout))
 
 
 def conflict(cached_prompt: str, prompt: str) -> str | None:
@@ -171,52 +228,170 @@ def conflict(cached_prompt: str, prompt: str) -> str | None:
         return "different polarity (negation)"
     if cached.question != new.question and cached.question and new.question:  # "formula of water?" asks "what"
         return f"asks another question ({' '.join(cached.question) or '-'} vs {' '.join(new.question) or '-'})"
-    if cached.content != new.content:
-        new_content = _as_synonyms_of(new.content, cached.content)
-        only_cached = sorted(set(cached.content) - set(new_content))
-        only_new = sorted(set(new_content) - set(cached.content))
-        if only_cached or only_new or sorted(cached.content) != sorted(new_content):
-            return f"unmatched content words ({' '.join(only_cached) or '-'} vs {' '.join(only_new) or '-'})"
-        if (cached.relational or new.relational) and cached.content != new_content:
-            return "same content words in another order"
+    if cached.layout == new.layout:
+        return None
+    aligned = _aligned(new.content, cached.content)
+    only_cached = sorted(set(cached.content) - set(aligned))
+    only_new = sorted({word for word, mate in zip(new.content, aligned) if mate not in cached.content})
+    if only_cached or only_new or sorted(cached.content) != sorted(aligned):
+        return f"unmatched content words ({' '.join(only_cached) or '-'} vs {' '.join(only_new) or '-'})"
+    renamed = iter(aligned)
+    new_layout = tuple((kind, next(renamed) if kind == "word" else value) for kind, value in new.layout)
+    if _phrases_of(cached.layout) != _phrases_of(new_layout) and not _terse_of(cached.layout, new_layout):
+        return "same content words in another order"
     return None
 
 
-def _as_synonyms_of(content: tuple[str, ...], reference: tuple[str, ...]) -> tuple[str, ...]:
-    """`content` with each word that `reference` lacks replaced by a WordNet synonym of it that `reference` holds
-    unmatched (one for one, in order), so "fix my bike" reads as "repair my bike" against the latter."""
-    unmatched = [word for word in reference if word not in content]
-    if not unmatched:
-        return content
-    replaced = []
-    for word in content:
-        if word not in reference:
-            synonym = next((other for other in unmatched if _synonyms(word, other)), None)
-            if synonym is not None:
-                unmatched.remove(synonym)
-                word = synonym
-        replaced.append(word)
-    return tuple(replaced)
+def _terse_of(first: tuple[tuple[str, str], ...], second: tuple[tuple[str, str], ...]) -> bool:
+    """Whether one side is a terse form of the other: no preposition at all against neutral ones only ("Berlin
+    weather forecast" / "weather forecast for Berlin", "git undo last commit" / "undo the last commit in git"); the
+    content words agree already, and without a direction word nothing can have swapped roles."""
+    prepositions = [{value for kind, value in layout if kind == "preposition"} for layout in (first, second)]
+    return (not prepositions[0]) != (not prepositions[1]) and prepositions[0] | prepositions[1] <= {"~"}
+
+
+def normal_form(prompt: str) -> tuple:
+    """What `read` makes of `prompt`, each word replaced by one lemma of it: prompts that differ only in contractions,
+    framing, question frame, phrase order or inflection have the same normal form, so the cache can find them by hash
+    without the embedder (and `conflict` still decides)."""
+    reading = read(prompt)
+    layout = tuple((kind, min(_lemmas(value)) if kind == "word" else value) for kind, value in reading.layout)
+    return reading.question, reading.numbers, reading.negated, tuple(_phrases_of(layout))
+
+
+def _aligned(content: tuple[str, ...], reference: tuple[str, ...]) -> list[str]:
+    """`content` with each word that stands for a word of `reference` (the same lemma, else a WordNet synonym)
+    replaced by that word, one for one: "changing my tires" reads as "change my tire" against the latter. A word
+    with no mate stays as it is."""
+    unmatched = list(reference)
+    aligned: list[str | None] = [None] * len(content)
+    for position, word in enumerate(content):  # the same word first, so a lemma or synonym cannot take its mate
+        if word in unmatched:
+            unmatched.remove(word)
+            aligned[position] = word
+    for same in (_same_lemma, _synonyms):
+        for position, word in enumerate(content):
+            if aligned[position] is None:
+                mate = next((other for other in unmatched if same(word, other)), None)
+                if mate is not None:
+                    unmatched.remove(mate)
+                    aligned[position] = mate
+    return [mate if mate is not None else word for mate, word in zip(aligned, content)]
+
+
+def _phrases_of(layout: tuple[tuple[str, str], ...]) -> list[tuple]:
+    """The layout as a sorted list of phrases (preposition, sorted parts joined by and/or, each part's words in
+    order): phrases may move, and so may the parts of "A and B", the words inside a part may not."""
+    phrases: list[tuple] = []
+    preposition, parts = "", [[]]
+
+    def close() -> None:
+        words = [tuple(part) for part in parts if part]
+        if words:
+            phrases.append((preposition, tuple(sorted(words))))
+
+    for kind, value in layout:
+        if kind in ("break", "preposition"):
+            close()
+            preposition, parts = (value if kind == "preposition" else ""), [[]]
+        elif kind == "and":
+            parts.append([])
+        else:
+            parts[-1].append(value)
+    close()
+    return sorted(phrases)
+
+
+def _same_lemma(first: str, second: str) -> bool:
+    return bool(_lemmas(first) & _lemmas(second))
 
 
 def _synonyms(first: str, second: str) -> bool:
-    """Whether two (stemmed) content words share one of their common WordNet senses and are no antonyms."""
+    """Whether two content words share one of their common WordNet senses (in a lemma of each, of the same degree:
+    "biggest" / "largest") and are no antonyms."""
     lexicon = _lexicon()
-    entries = [entry for word in (first, first + "e") if (entry := lexicon.get(word))]
-    seconds = {second, second + "e"}  # the stem drops a final e: "restored" -> "restor"
-    return (any(seconds & synonyms for synonyms, _ in entries)
-            and not any(seconds & antonyms for _, antonyms in entries))
+    for lemma in _graded(_lemmas(first)):
+        base, _, degree = lemma.partition("+")
+        entry = lexicon.get(base)
+        if entry is None:
+            continue
+        synonyms, antonyms, _ = entry
+        others = {other.partition("+")[0] for other in _graded(_lemmas(second)) if other.partition("+")[2] == degree}
+        if others & synonyms and not others & antonyms:
+            return True
+    return False
+
+
+def _graded(lemmas: frozenset[str]) -> frozenset[str]:
+    """A comparative or superlative as its graded lemma only: WordNet also lists "bigger" as an adjective similar to
+    "big", which must not make "bigger" a synonym of "big"."""
+    return frozenset(lemma for lemma in lemmas if "+" in lemma) or lemmas
+
+
+# WordNet's morphy: suffix rules per part of speech; a rule counts only when it yields a lemma of that part.
+_SUFFIX_RULES = {"n": [("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
+                       ("men", "man"), ("ies", "y")],
+                 "v": [("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"),
+                       ("ing", "")],
+                 "a": [("er", ""), ("est", ""), ("er", "e"), ("est", "e")]}
+
+
+@lru_cache(maxsize=65536)
+def _lemmas(word: str) -> frozenset[str]:
+    """The word and its WordNet lemmas; an adjective's comparative or superlative keeps its degree ("cheaper" ->
+    "cheap+er", never "cheap"). A word WordNet lacks ("iphones") is read as its singular."""
+    lexicon, irregular = _lexicon(), _exceptions()
+    lemmas = {word}
+    for part, bases in irregular.get(word, ()):
+        degree = ("+est" if word.endswith("st") else "+er") if part in "ar" else ""
+        lemmas |= {base + degree for base in bases}
+    for part, rules in _SUFFIX_RULES.items():
+        for suffix, ending in rules:
+            if word.endswith(suffix) and len(word) > len(suffix) + 1:
+                base = word[:-len(suffix)] + ending
+                if part in lexicon.get(base, (None, None, ""))[2]:
+                    lemmas.add(base + ("+" + suffix if part == "a" else ""))
+    if len(lemmas) == 1 and word not in lexicon:
+        lemmas.add(_singular(word))
+    return frozenset(lemmas)
+
+
+def load_lexicon() -> None:
+    """Read the WordNet tables now (about a second), so that the first lookup does not wait for them."""
+    _lexicon()
+    _exceptions()
 
 
 @lru_cache(maxsize=1)
-def _lexicon() -> dict[str, tuple[frozenset[str], frozenset[str]]]:
-    """word -> (synonyms, antonyms), from WordNet 3.0 (benchmarks/make_wordnet_lexicon.py writes the file)."""
+def _lexicon() -> dict[str, tuple[frozenset[str], frozenset[str], str]]:
+    """word -> (synonyms, antonyms, parts of speech), from WordNet 3.0 (benchmarks/make_wordnet_lexicon.py)."""
     entries = {}
     for line in LEXICON_FILE.read_text(encoding="utf-8").splitlines():
         if not line.startswith("#"):
-            word, synonyms, antonyms = line.split("\t")
-            entries[word] = (frozenset(synonyms.split()), frozenset(antonyms.split()))
+            word, synonyms, antonyms, parts = line.split("\t")
+            entries[word] = (frozenset(synonyms.split()), frozenset(antonyms.split()), parts)
     return entries
+
+
+@lru_cache(maxsize=1)
+def _exceptions() -> dict[str, list[tuple[str, list[str]]]]:
+    """Irregular form -> [(part of speech, its lemmas)], from WordNet 3.0's exception lists."""
+    entries: dict[str, list[tuple[str, list[str]]]] = {}
+    for line in EXCEPTIONS_FILE.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            form, part, lemmas = line.split("\t")
+            entries.setdefault(form, []).append((part, lemmas.split()))
+    return entries
+
+
+def _agent_verb(noun: str) -> str:
+    """"painter" -> "paint", "inventor" -> "invent", "composer" -> "compose" (who made it); other nouns unchanged."""
+    if noun in _AGENT_VERBS:
+        return _AGENT_VERBS[noun]
+    for suffix in ("er", "or", "r"):
+        if noun.endswith(suffix) and "v" in _lexicon().get(noun[:-len(suffix)], (None, None, ""))[2]:
+            return noun[:-len(suffix)]
+    return f"is the {noun} of"
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
@@ -232,8 +407,10 @@ def _tokens(text: str) -> list[tuple[str, str]]:
             tokens.append(("word", token))
         elif token.endswith("'s"):  # possessive (the verb "is" was expanded before): keep the marker for reordering
             tokens += [("word", token[:-2]), ("possessive", "'s")]
-        else:
+        elif kind == "word":
             tokens.append((kind, token.replace("'", "")))
+        else:
+            tokens.append((kind, token))
     return tokens
 
 
@@ -244,7 +421,7 @@ def _possessives_as_of(tokens: list[tuple[str, str]]) -> list[tuple[str, str]]:
     while position < len(tokens):
         if (position + 2 < len(tokens) and tokens[position + 1][0] == "possessive"
                 and tokens[position + 2][0] == "word"):
-            result += [tokens[position + 2], tokens[position]]
+            result += [tokens[position + 2], ("word", "of"), tokens[position]]
             position += 3
         else:
             if tokens[position][0] != "possessive":
@@ -271,23 +448,6 @@ def _number(token: str) -> str:
     if "." in token:
         token = token.rstrip("0").rstrip(".")
     return token.lstrip("0") or "0"
-
-
-def _stem(word: str) -> str:
-    """Plural to singular, and -ing / -ed to the base form (Porter's step 1b): centering, centered -> center;
-    clogged -> clog; making -> make. Comparatives (-er, -est) are kept: they change the question."""
-    word = _singular(word)
-    for suffix in ("ing", "ed"):
-        stem = word[:-len(suffix)]
-        if len(word) > len(suffix) + 2 and word.endswith(suffix) and re.search(r"[aeiouy]", stem) and len(stem) >= 3:
-            if stem.endswith(("at", "bl", "iz")):
-                return stem + "e"
-            if re.search(r"([^aeiouylsz])\1$", stem):
-                return stem[:-1]
-            if re.fullmatch(r"[^aeiou]*[aeiou][^aeiouwxy]", stem):  # one short syllable: hop(e), mak(e), bas(e)
-                return stem + "e"
-            return stem
-    return word
 
 
 def _singular(word: str) -> str:
@@ -318,4 +478,5 @@ def _match_phrase(tokens: list[tuple[str, str]], position: int, phrases: dict[st
 
 
 _FRAMING_PHRASES = _phrases(_FRAMING)
+_FRAME_PATTERNS = [(re.compile(pattern), replacement) for pattern, replacement in _FRAMES]
 _HOW_PHRASES = _phrases(_HOW)

@@ -39,6 +39,7 @@ from tritonllm import contract
 from tritonllm.contract import (CACHE_MODES, CACHE_REDIS_URL_ENVIRONMENT, CALLED_MODEL_PARAMETER, EMPTY_PROMPT,
                                 FORWARDED_INPUTS_PARAMETER, INPUT_RANGES, CacheSettings, input_problem,
                                 required_parameter, settings_from_parameters)
+from tritonllm.python_backends.cache_verifier import load_lexicon
 from tritonllm.python_backends.errors import InvalidArgument
 from tritonllm.python_backends.sampling import SamplingParams
 from tritonllm.python_backends.semantic_cache import Autosaver, CacheKey, CacheStats, SemanticCache, SnapshotLoad
@@ -193,6 +194,7 @@ def build_front(parameters: Mapping[str, str], version_dir: Path,
         front = Front(None, model, on_lookup=on_lookup, forwarded_inputs=forwarded, capture=capture)
         return front, SnapshotLoad(0, None)
     embedder = Embedder(version_dir / required_parameter(parameters, "embedder_path", "llm"))
+    load_lexicon()
     cache = SemanticCache(settings, embedder.embed_one, embedder.dimension, embedder.identity)
     if settings.redis_url:
         shared = RedisCacheSync(cache, settings.redis_url, on_cache_change)

@@ -4,7 +4,9 @@ An entry is found only inside its partition: tenant + model + every sampling par
 (`CacheKey`). Each partition has its own vector index, so a search can never return another tenant's answer (and every
 candidate's partition is checked again before it is served).
 
-- Exact repeats (same partition, same prompt) take a hash lookup and skip the embedder.
+- Exact repeats (same partition, same prompt) take a hash lookup and skip the embedder. So do prompts that read the
+  same as a cached one (`cache_verifier.normal_form`: the same words up to contractions, framing, question frame,
+  phrase order and inflection), once the verifier accepts the pair; they are served with similarity 1.0.
 - Paraphrases: the prompt's unit vector is searched in the partition's index (retrieval); each live candidate whose
   cosine is >= `similarity_threshold` goes to the verifier (`cache_verifier.conflict`: same numbers, polarity,
   question and content words), and the best one it accepts is a hit; a candidate it refuses counts as a verifier
@@ -46,7 +48,7 @@ import faiss
 import numpy as np
 
 from tritonllm.contract import CacheSettings
-from tritonllm.python_backends.cache_verifier import conflict
+from tritonllm.python_backends.cache_verifier import conflict, normal_form
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class CacheKey:
 @dataclass(frozen=True)
 class Hit:
     answer: bytes
-    similarity: float  # 1.0 for an exact repeat
+    similarity: float  # 1.0 for an exact repeat or a prompt of the same normal form
     exact: bool
     cached_prompt: str
 
@@ -114,6 +116,11 @@ class StoredAnswer:
     def digest(self) -> str:
         """Names the (partition, prompt) pair: a newer answer to it replaces the older one."""
         return prompt_digest(self.partition, self.prompt)
+
+    @cached_property
+    def reading_digest(self) -> str:
+        """Names the (partition, normal form of the prompt) pair: the prompts that read the same."""
+        return reading_digest(self.partition, self.prompt)
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,7 @@ class SemanticCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._exact: dict[str, int] = {}
+        self._same_reading: dict[str, int] = {}  # StoredAnswer.reading_digest -> the latest entry that reads so
         self._partitions: dict[str, PartitionIndex] = {}
         self._next_id = 0
         self._hits = self._misses = self._evictions = self._expirations = self._rejections = 0
@@ -177,6 +185,11 @@ class SemanticCache:
             if partition not in self._partitions:  # nothing to compare with: skip the embedder
                 self._misses += 1
                 return Lookup(None, 0.0, None)
+        same_reading = reading_digest(partition, prompt)  # outside the lock: reading a prompt takes ~0.1 ms
+        with self._lock:
+            entry = self._live_entry(self._same_reading.get(same_reading))
+            if entry is not None and conflict(entry.stored.prompt, prompt) is None:
+                return self._hit(entry, 1.0, exact=False)
         vector = self._embed(prompt)
         with self._lock:
             index = self._partitions.get(partition)
@@ -328,6 +341,7 @@ class SemanticCache:
             self._next_id += 1
             self._entries[entry.id] = entry
             self._exact[stored.digest] = entry.id
+            self._same_reading[stored.reading_digest] = entry.id
             by_partition.setdefault(entry.partition, []).append(entry)
         for partition, entries in by_partition.items():
             index = self._partitions.get(partition)
@@ -339,6 +353,8 @@ class SemanticCache:
     def _remove(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)
         del self._exact[entry.stored.digest]
+        if self._same_reading.get(entry.stored.reading_digest) == entry_id:
+            del self._same_reading[entry.stored.reading_digest]
         index = self._partitions[entry.partition]
         index.remove(entry_id)
         if len(index) == 0:
@@ -459,6 +475,10 @@ class Autosaver:
 
 def prompt_digest(partition: str, prompt: str) -> str:
     return hashlib.sha256(f"{partition}\0{prompt}".encode()).hexdigest()
+
+
+def reading_digest(partition: str, prompt: str) -> str:
+    return hashlib.sha256(f"{partition}\0{normal_form(prompt)!r}".encode()).hexdigest()
 
 
 def _write_atomically(path: Path, parts: list[bytes]) -> None:

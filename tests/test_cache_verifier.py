@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tritonllm.python_backends.cache_verifier import conflict
+from tritonllm.builders.cache_calibration import load_pairs
+from tritonllm.python_backends.cache_verifier import conflict, normal_form
 
 NEAR_MISSES = {
     "entity": [("What is the population of Oslo?", "What is the population of Bergen?"),
@@ -21,9 +22,18 @@ NEAR_MISSES = {
                 ("How do I turn on bluetooth?", "How do I turn off bluetooth?"),
                 ("How can I increase my heart rate?", "How can I decrease my heart rate?")],
     "comparative": [("What is a cheap laptop?", "What is a cheaper laptop?"),
-                    ("Which is the fastest train?", "Which is the slowest train?")],
+                    ("Which is the fastest train?", "Which is the slowest train?"),
+                    ("What is the largest ocean?", "What is a large ocean?"),  # the lemma keeps the degree
+                    ("What is the larger lake?", "What is the biggest lake?")],
+    "attribute": [("How tall is Mount Everest?", "How old is Mount Everest?"),
+                  ("How much does a Tesla cost?", "How much does a Tesla weigh?"),
+                  ("What does NASA stand for?", "What does NASA do?"),
+                  ("Who is the author of Dune?", "Who is the publisher of Dune?")],
     "word_order": [("How do I convert a string to an integer?", "How do I convert an integer to a string?"),
-                   ("Flights from Oslo to Paris?", "Flights from Paris to Oslo?")],
+                   ("Flights from Oslo to Paris?", "Flights from Paris to Oslo?"),
+                   ("Did the Romans conquer the Greeks?", "Did the Greeks conquer the Romans?"),  # no preposition
+                   ("Is Oslo north of Paris?", "Is Paris north of Oslo?"),
+                   ("How many km are 5 miles?", "Convert 5 km to miles.")],
     "language": [("What is the capital of France?", "Quelle est la capitale de la France ?"),
                  ("Translate hello into Spanish.", "Translate hello into Italian.")],
     "constraint": [("How do I sort a list in python?", "How do I sort a list in python without sorted()?"),
@@ -44,6 +54,27 @@ PARAPHRASES = [
     ("How do I fix my bike?", "How do I repair my bike?"),
     ("How do I buy a car?", "How can I purchase a car?"),
     ("What is a big city?", "What is a large city?"),
+    ("What is the largest ocean?", "What is the biggest ocean?"),  # synonyms of the same degree
+    # question frames
+    ("How much does a Tesla Model 3 cost?", "What's the price of a Tesla Model 3?"),
+    ("iPhone 15 price?", "How much does the iPhone 15 cost?"),
+    ("How tall is Mount Everest?", "What is the height of Mount Everest?"),
+    ("What is the population of Canada?", "How many people live in Canada?"),
+    ("What does CPU stand for?", "What is CPU short for?"),
+    ("Who painted the Mona Lisa?", "Who is the painter of the Mona Lisa?"),
+    ("Who wrote Pride and Prejudice?", "Who is the author of Pride and Prejudice?"),
+    ("When was Albert Einstein born?", "What year was Albert Einstein born?"),
+    ("Convert 10 km to miles.", "How many miles is 10 km?"),
+    ("Tips for growing tomatoes?", "How do I grow tomatoes?"),
+    # lemmas (WordNet morphy, irregular forms)
+    ("How do I change the oil in my car?", "Changing the oil in my car?"),
+    ("What language do they speak in Brazil?", "Which language is spoken in Brazil?"),
+    # phrases that move, parts of "A or B" that swap, terse forms
+    ("In Python, how do I reverse a list?", "How do I reverse a list in Python?"),
+    ("Tomorrow, will it snow in Denver?", "Will it snow in Denver tomorrow?"),
+    ("Flights to Paris from Oslo", "Flights from Oslo to Paris"),
+    ("Is it better to rent or buy?", "Is it better to buy or rent?"),
+    ("What is the weather forecast for Berlin?", "Berlin weather forecast?"),
 ]
 
 
@@ -64,3 +95,11 @@ def test_the_reason_names_what_differs():
     assert conflict("Soft boiled egg?", "Hard boiled egg?") == "unmatched content words (soft vs hard)"
     assert conflict("Convert celsius to fahrenheit.", "Convert fahrenheit to celsius.") == \
         "same content words in another order"
+
+
+def test_prompts_of_one_normal_form_are_accepted_and_near_misses_never_share_one():
+    """On both train splits: a pair whose normal forms agree (the cache finds it by hash, without the embedder) is
+    always one the verifier accepts and a labelled paraphrase; no near miss has its cached prompt's normal form."""
+    same = [pair for pair in load_pairs() if normal_form(pair["a"]) == normal_form(pair["b"])]
+    assert len(same) > 100
+    assert all(pair["label"] == "hit" and conflict(pair["a"], pair["b"]) is None for pair in same)

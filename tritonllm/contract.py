@@ -93,7 +93,8 @@ FRONT_INPUTS: tuple[Tensor, ...] = ENSEMBLE_INPUTS + FRONT_ONLY_INPUTS
 FRONT_OUTPUTS: tuple[Tensor, ...] = ENSEMBLE_OUTPUTS + (
     Tensor("cache_hit", "TYPE_BOOL", (1,), note="whether this answer came from the cache"),
     Tensor("cache_similarity", "TYPE_FP32", (1,),
-           note="cosine similarity of the cached entry served (1 for exact), or of the closest on a miss"),
+           note="cosine similarity of the cached entry served (1 for an exact repeat or the same normal form), or of "
+                "the closest on a miss"),
 )
 CACHE_MODES: tuple[str, ...] = ("use", "bypass", "refresh")
 
