@@ -138,3 +138,14 @@ def tiny_onnx(tmp_path_factory) -> Path:
     from support import export_tiny_llama
 
     return export_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_draft_onnx(tiny_onnx) -> Path:
+    """The tiny Llama's int8 graph: a draft model for `tiny_onnx` (the quantized self-draft in miniature)."""
+    from tritonllm.builders.onnx_graph import write_decoder
+
+    folder = tiny_onnx.parent / "draft-int8"
+    folder.mkdir()
+    write_decoder(tiny_onnx.parent / "hf", folder, "int8")
+    return folder
