@@ -310,3 +310,23 @@ def test_each_request_chooses_its_drafter_and_bad_choices_are_refused(tiny_onnx,
         plain.shutdown()
     with pytest.raises(ValueError, match="needs a draft model graph"):
         Engine(tiny_onnx, _settings(speculative_drafter="draft_model"))
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(smollm2_tokenizer_dir, tmp_path):
+    import json
+    import shutil
+
+    from tritonllm.builders.errors import BuildError
+    from tritonllm.builders.pipeline import check_draft_vocabulary
+
+    check_draft_vocabulary(smollm2_tokenizer_dir, smollm2_tokenizer_dir)
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(smollm2_tokenizer_dir, other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    first, second = list(vocab)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # same tokens, two ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(BuildError, match="vocabulary differs from the target's .* 4 token/id pairs not in both.* "
+                                         "allowed: a draft model with the target's tokenizer"):
+        check_draft_vocabulary(smollm2_tokenizer_dir, other)
