@@ -175,37 +175,45 @@ def main() -> None:
         for concurrency in levels:
             chosen = workload_texts[:max(args.requests, 2 * concurrency)]
             prompts = [encode_user_turn(tokenizer, text) for text in chosen]
-            runs = {arm: [run_arm(built.onnx_dir, settings, drafts.get(draft), prompts, concurrency, args.new_tokens)
-                          for _ in range(args.repeats)] for arm, (settings, draft) in arms.items()}
+            measured = {arm: (lambda settings=settings, draft=draft: run_arm(
+                built.onnx_dir, settings, drafts.get(draft), prompts, concurrency, args.new_tokens))
+                for arm, (settings, draft) in arms.items()}
             if args.peers:
                 prompt_texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                               add_generation_prompt=True) for text in chosen]
-                for arm, extra in PEER_ARMS.items():
-                    runs[arm] = [run_peer(arm, extra, prompt_texts, concurrency, args.new_tokens,
-                                          args.out.parent / "speculative-logs") for _ in range(args.repeats)]
-            plain = runs["plain"] if "plain" in runs else None
-            for arm, arm_runs in runs.items():
-                drafted = sum(run.get("drafted", 0) for run in arm_runs)
-                row = {"workload": workload, "concurrency": concurrency, "arm": arm, "requests": len(prompts),
-                       "itl_ms_median": round(statistics.median(run["itl_ms"] for run in arm_runs), 2),
-                       "ttft_ms_median": round(statistics.median(run["ttft_ms"] for run in arm_runs), 1),
-                       "tokens_per_s_median": round(statistics.median(run["tokens_per_s"] for run in arm_runs), 1),
-                       "acceptance": round(sum(run.get("accepted", 0) for run in arm_runs) / drafted, 3)
-                       if drafted else None, "repeats": len(arm_runs), "load_avg_1m": round(os.getloadavg()[0], 2)}
-                if "outputs" in arm_runs[0]:
-                    row["tokens_per_target_step"] = round(statistics.median(run["tokens_per_target_step"]
-                                                                            for run in arm_runs), 2)
-                    if plain is not None:
-                        row["identical_to_plain"] = sum(run["outputs"] == plain[0]["outputs"] for run in arm_runs)
-                if plain is not None:
-                    plain_itl = statistics.median(run["itl_ms"] for run in plain)
-                    plain_tps = statistics.median(run["tokens_per_s"] for run in plain)
-                    row["itl_speedup_vs_plain"] = round(plain_itl / row["itl_ms_median"], 2)
-                    row["throughput_vs_plain"] = round(row["tokens_per_s_median"] / plain_tps, 2)
+                measured |= {arm: (lambda arm=arm, extra=extra: run_peer(
+                    arm, extra, prompt_texts, concurrency, args.new_tokens, args.out.parent / "speculative-logs"))
+                    for arm, extra in PEER_ARMS.items()}
+            plain = None
+            for arm, measure in measured.items():  # plain first: every later row is compared with it
+                arm_runs = [measure() for _ in range(args.repeats)]
+                plain = plain or (arm_runs if arm == "plain" else None)
+                row = summary(workload, concurrency, arm, arm_runs, plain, len(prompts))
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def summary(workload: str, concurrency: int, arm: str, arm_runs: list[dict], plain: list[dict] | None,
+            requests: int) -> dict:
+    """Medians over the repeats of one arm, and its ratios to plain decoding's (same run, same prompts)."""
+    drafted = sum(run.get("drafted", 0) for run in arm_runs)
+    row = {"workload": workload, "concurrency": concurrency, "arm": arm, "requests": requests,
+           "itl_ms_median": round(statistics.median(run["itl_ms"] for run in arm_runs), 2),
+           "ttft_ms_median": round(statistics.median(run["ttft_ms"] for run in arm_runs), 1),
+           "tokens_per_s_median": round(statistics.median(run["tokens_per_s"] for run in arm_runs), 1),
+           "acceptance": round(sum(run.get("accepted", 0) for run in arm_runs) / drafted, 3) if drafted else None,
+           "repeats": len(arm_runs), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    if "outputs" in arm_runs[0]:
+        row["tokens_per_target_step"] = round(statistics.median(run["tokens_per_target_step"] for run in arm_runs), 2)
+        if plain is not None:
+            row["identical_to_plain"] = sum(run["outputs"] == plain[0]["outputs"] for run in arm_runs)
+    if plain is not None:
+        row["itl_speedup_vs_plain"] = round(statistics.median(run["itl_ms"] for run in plain) / row["itl_ms_median"], 2)
+        row["throughput_vs_plain"] = round(row["tokens_per_s_median"]
+                                           / statistics.median(run["tokens_per_s"] for run in plain), 2)
+    return row
 
 
 if __name__ == "__main__":
