@@ -211,7 +211,7 @@ def summary(workload: str, concurrency: int, arm: str, arm_runs: list[dict], pla
             row["identical_to_plain"] = sum(run["outputs"] == plain[0]["outputs"] for run in arm_runs)
     if plain is not None:
         row["itl_speedup_vs_plain"] = round(statistics.median(run["itl_ms"] for run in plain) / row["itl_ms_median"], 2)
-        row["throughput_vs_plain"] = round(row["tokens_per_s_median"]
+        row["throughput_vs_plain"] = round(statistics.median(run["tokens_per_s"] for run in arm_runs)
                                            / statistics.median(run["tokens_per_s"] for run in plain), 2)
     return row
 
