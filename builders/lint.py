@@ -176,6 +176,11 @@ def _check_model_folder(folder: Path, config: mc.ModelConfig) -> list[Finding]:
                 check_decoder_precision(required, read_parameters(config)["precision"])
             except (SettingsError, ValueError) as error:
                 findings.append(Finding(f"{name}/{CONFIG_FILE}", "parameters[precision]", str(error)))
+    parameters = read_parameters(config)
+    if parameters.get("speculative_drafter") == "draft_model" and not parameters.get(DRAFT_ONNX_PARAMETER):
+        findings.append(Finding(f"{name}/{CONFIG_FILE}", "parameters[speculative_drafter]",
+                                f"'draft_model' needs parameters[{DRAFT_ONNX_PARAMETER}] (a draft model's graph, "
+                                "`tritonllm build --draft int8|int4`); allowed without one: off, prompt_lookup"))
     return findings
 
 
