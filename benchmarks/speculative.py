@@ -58,7 +58,8 @@ REWRITE = "Rewrite the following text, keeping its wording where you can:\n\n{}"
 PEER_ARMS = {"llama_f32": [],
              "llama_f32_lookup": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
                                   "--spec-ngram-simple-size-m", "8"],
-             "llama_f32_draft_q8_0": ["-md", "{draft}", "--spec-draft-n-max", "8"]}
+             # -md alone loads the draft but drafts nothing in this build: --spec-type draft-simple turns it on
+             "llama_f32_draft_q8_0": ["-md", "{draft}", "--spec-type", "draft-simple", "--spec-draft-n-max", "8"]}
 
 
 def run_arm(onnx_dir: Path, settings: dict, draft_dir: Path | None, prompts: list[list[int]], concurrency: int,
