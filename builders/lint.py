@@ -21,7 +21,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, DEFAULT_ENSEMBLE_GRPC_URL,
-                                ENGINE_PARAMETERS, ENSEMBLE_URL_PARAMETER, PATH_PARAMETERS,
+                                DRAFT_ONNX_PARAMETER, ENGINE_PARAMETERS, ENSEMBLE_URL_PARAMETER, PATH_PARAMETERS,
                                 CacheSettings, EngineSettings, SettingsError, check_decoder_precision, decode_setting,
                                 read_parameters)
 
@@ -161,12 +161,13 @@ def _check_model_folder(folder: Path, config: mc.ModelConfig) -> list[Finding]:
             findings.append(Finding(f"{name}/{latest.name}/{script}", "backend", f"is missing; allowed: backend "
                                     f"\"python\" needs the model script {script} in the version folder"))
     for key, text in read_parameters(config).items():
-        if key not in PATH_PARAMETERS:
+        if key not in PATH_PARAMETERS and not (key == DRAFT_ONNX_PARAMETER and text):  # empty: no draft model
             continue
         target = latest / text
-        required = target / PATH_PARAMETERS[key] if PATH_PARAMETERS[key] else target
+        holds = PATH_PARAMETERS.get(key, "")
+        required = target / holds if holds else target
         if not text or not required.exists():
-            needs = f"holding {PATH_PARAMETERS[key]}" if PATH_PARAMETERS[key] else "that exists"
+            needs = f"holding {holds}" if holds else "that exists"
             shown = required.relative_to(folder.parent) if required.is_relative_to(folder.parent) else required
             findings.append(Finding(f"{name}/{CONFIG_FILE}", f"parameters[{key}]", f"{text!r} does not lead to "
                                     f"{shown}; allowed: a path relative to {name}/{latest.name}/ {needs}"))
@@ -175,6 +176,11 @@ def _check_model_folder(folder: Path, config: mc.ModelConfig) -> list[Finding]:
                 check_decoder_precision(required, read_parameters(config)["precision"])
             except (SettingsError, ValueError) as error:
                 findings.append(Finding(f"{name}/{CONFIG_FILE}", "parameters[precision]", str(error)))
+    parameters = read_parameters(config)
+    if parameters.get("speculative_drafter") == "draft_model" and not parameters.get(DRAFT_ONNX_PARAMETER):
+        findings.append(Finding(f"{name}/{CONFIG_FILE}", "parameters[speculative_drafter]",
+                                f"'draft_model' needs parameters[{DRAFT_ONNX_PARAMETER}] (a draft model's graph, "
+                                "`tritonllm build --draft int8|int4`); allowed without one: off, prompt_lookup"))
     return findings
 
 

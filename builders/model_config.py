@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from google.protobuf import text_encoding
 
-from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, DEFAULT_ENSEMBLE_GRPC_URL,
+from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, DEFAULT_ENSEMBLE_GRPC_URL, DRAFT_ONNX_PARAMETER,
                                 ENGINE_MODEL_PARAMETER, ENGINE_PARAMETERS, ENSEMBLE_INPUTS,
                                 ENSEMBLE_URL_PARAMETER,
                                 ENSEMBLE_OUTPUTS, FORWARDED_INPUTS_PARAMETER, FRONT_INPUTS,
@@ -28,6 +28,7 @@ VERSION = "1"  # the one version folder rendered per model; parameter paths are 
 TOKENIZER_FOLDER = "tokenizer"
 ONNX_FOLDER = "onnx"
 ONNX_FILE = "model.onnx"
+DRAFT_ONNX_FOLDER = "draft_onnx"  # the draft model's graph (speculative drafter draft_model)
 EMBEDDER_FOLDER = "embedder"
 
 
@@ -63,6 +64,8 @@ def template_values(model: str, settings: RepositorySettings) -> dict[str, str]:
     if model == ENGINE:
         return {"triton_max_batch_size": request_batch,
                 **_string_parameters(onnx_path=f"{ONNX_FOLDER}/{ONNX_FILE}", tokenizer_path=TOKENIZER_FOLDER,
+                                     **{DRAFT_ONNX_PARAMETER: f"{DRAFT_ONNX_FOLDER}/{ONNX_FILE}"
+                                        if settings.draft_onnx_dir else ""},
                                      **{key: getattr(engine, key) for key in ENGINE_PARAMETERS})}
     if model == TENSORRT_LLM:
         return {"triton_max_batch_size": request_batch,

@@ -4,14 +4,16 @@ Two levels of content-keyed caching under `tritonllm.paths.cache_dir()`:
 
 - artifacts, keyed by what they are made of, shared by every build that needs them:
   `hf-<gguf hash>/` (GGUF converted once), `decoder-<precision>-<key>/` (gated ONNX export: model.onnx,
-  decoder.json, gate.json), `embedder-<key>/` (the semantic cache's sentence embedder);
+  decoder.json, gate.json), `draft-<precision>-<key>/` (a speculative draft model's export: not gated, since the
+  target verifies every token it drafts; draft.json records its held-out agreement with the target, the greedy
+  acceptance to expect), `embedder-<key>/` (the semantic cache's sentence embedder);
 - builds, keyed by artifacts + every repository setting + the code that renders: `build-<key>/` laid out as
-  docs/architecture.md says (hf/, onnx-<precision>/, parity.json, repository/, build.json), with the artifacts
-  hard-linked in (copied across filesystems). A second build with the same key returns at once; a build that only
-  changes a setting re-renders the repository (seconds) on the cached artifacts.
+  docs/architecture.md says (hf/, onnx-<precision>/, draft-onnx/ with a draft, parity.json, repository/,
+  build.json), with the artifacts hard-linked in (copied across filesystems). A second build with the same key
+  returns at once; a build that only changes a setting re-renders the repository (seconds) on the cached artifacts.
 
 Every artifact and build folder is written under a temporary name and renamed into place, so a crash never leaves a
-folder that looks finished. Only exports that passed their gate are published.
+folder that looks finished. Only exports that passed their gate are published (drafts have none to pass).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from .source import content_key, prepare_hf_model, resolve_source
 
 BUILD_FILE = "build.json"
 GATE_FILE = "gate.json"
+DRAFT_REPORT_FILE = "draft.json"
+DRAFT_FOLDER = "draft-onnx"  # in a build folder
 PARITY_FILE = "parity.json"
 # Gate of the quantized precisions (int8, int4) against the gated fp32 build, on held-out text (builders/parity.py).
 # Measured on SmolLM2-135M: int8 0.957 top-1 agreement, +0.6% perplexity; int4 round-to-nearest 0.60, +37% (refused).
@@ -59,7 +63,8 @@ EMBEDDER_CODE = ("tritonllm.builders.embedder", "tritonllm.python_backends.embed
 LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 # RepositorySettings fields a caller may set; the pipeline fills in the artifact paths and takes engine/cache apart.
 OVERRIDABLE_SETTINGS = tuple(f.name for f in fields(RepositorySettings)
-                             if f.name not in ("tokenizer_dir", "onnx_dir", "trtllm_engine_dir", "engine", "cache"))
+                             if f.name not in ("tokenizer_dir", "onnx_dir", "trtllm_engine_dir", "engine", "cache",
+                                               "draft_onnx_dir"))
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,19 @@ class BuildResult:
     key: str
     # the semantic cache's derived cosine floor (None: no cache, or the operator set the floor)
     cache_calibration: dict | None = None
+    draft_onnx_dir: Path | None = None  # the speculative draft model's graph (None: built without one)
 
 
 def build(model: str | Path | None = None, out_dir: Path | None = None, precision: str = "fp32",
           console: Any = None, engine: EngineSettings | None = None, cache: CacheSettings | None = None,
-          calibration_file: Path | None = None, **repository_overrides: Any) -> BuildResult:
+          calibration_file: Path | None = None, draft: str | None = None, draft_model: str | Path | None = None,
+          **repository_overrides: Any) -> BuildResult:
     """Build `model` (None: the bundled SmolLM2 GGUF; a .gguf file; an HF folder) for the ONNX Runtime engine.
+
+    `draft` (a precision) / `draft_model` (a .gguf file or HF folder sharing the tokenizer; default: `model`
+    itself) add a speculative draft model: `draft="int4"` alone is the quantized self-draft; `draft_model` alone
+    drafts in int8. A draft whose vocabulary differs from the target's is refused. With a draft, requests speculate
+    with it by default (engine.speculative_drafter "draft_model") unless `engine` names another drafter.
 
     `engine` / `cache` / `repository_overrides` (other RepositorySettings fields, e.g. served_model_name) shape the
     rendered repository; `engine.precision` must equal `precision`. `calibration_file`: the prompts int4's AWQ
@@ -89,7 +101,14 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
     if calibration_file is not None and precision != "int4":
         raise BuildError(f"a calibration file is used by precision int4 (AWQ) only; precision {precision} "
                          f"calibrates nothing")
+    if draft_model is not None and draft is None:
+        draft = "int8"
+    if draft is not None and draft not in GRAPH_PRECISIONS:
+        raise BuildError(f"draft = {draft!r} is not supported; allowed: {', '.join(GRAPH_PRECISIONS)} (the draft "
+                         f"model's precision)")
     engine = engine or EngineSettings(precision=precision)
+    if draft is not None and engine.speculative_drafter == "off":
+        engine = replace(engine, speculative_drafter="draft_model")
     if engine.kind != "onnxruntime" or engine.precision != precision:
         raise BuildError(f"this pipeline builds the onnxruntime engine in {precision}; got engine kind "
                          f"{engine.kind!r}, precision {engine.precision!r}")
@@ -116,10 +135,18 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
         if embedder_dir is not None and cache.enabled:
             with step(f"cache threshold for a false-hit budget of {cache.max_false_hit_rate}"):
                 cache, calibration = resolve_threshold(cache, embedder_dir)
+        draft_source = None
+        if draft is not None:
+            with step("draft model source") as note:
+                draft_path = source if draft_model is None else Path(draft_model).expanduser()
+                draft_source = (prepare_hf_model(draft_path, root, progress=note), content_key(draft_path))
+                check_draft_vocabulary(hf_dir, draft_source[0])
         settings = RepositorySettings(tokenizer_dir=hf_dir, onnx_dir=None, embedder_dir=embedder_dir,
                                       engine=engine, cache=cache, **repository_overrides)
         calibration_key = _calibration_key(calibration_file)
+        draft_key = "no draft" if draft_source is None else _export_key(draft_source[1], draft)
         build_key = _hash(_export_key(source_key, precision, calibration_key), _settings_fingerprint(settings),
+                          draft_key,
                           _code_version(RENDER_CODE), _templates_version(),
                           content_key(embedder_dir) if embedder_dir else "no embedder")
         layout = _Layout(Path(out_dir) if out_dir is not None else root / f"build-{build_key[:16]}", precision)
@@ -130,8 +157,12 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
 
         with step(f"ONNX graph + gate ({precision})") as note:
             decoder_dir = _decoder_artifact(hf_dir, source_key, precision, root, note, calibration_file)
+        draft_dir = None
+        if draft_source is not None:
+            with step(f"draft model graph ({draft}) + its agreement with the target") as note:
+                draft_dir = _draft_artifact(*draft_source, draft, decoder_dir, hf_dir, root, note)
         with step("Triton model repository"):
-            result = _assemble(layout, hf_dir, decoder_dir, embedder_dir, settings, build_key, calibration)
+            result = _assemble(layout, hf_dir, decoder_dir, embedder_dir, settings, build_key, calibration, draft_dir)
     return result
 
 
@@ -142,13 +173,15 @@ class _Layout:
         self.out_dir = out_dir
         self.hf = out_dir / "hf"
         self.onnx = out_dir / f"onnx-{precision}"
+        self.draft = out_dir / DRAFT_FOLDER
         self.parity = out_dir / PARITY_FILE
         self.repository = out_dir / "repository"
         self.build_file = out_dir / BUILD_FILE
 
     def result(self, key: str, cached: bool) -> BuildResult:
         calibration = json.loads(self.build_file.read_text()).get("cache_calibration")  # the build report's
-        return BuildResult(self.out_dir, self.hf, self.onnx, self.repository, cached, key, calibration)
+        return BuildResult(self.out_dir, self.hf, self.onnx, self.repository, cached, key, calibration,
+                           self.draft if self.draft.is_dir() else None)
 
 
 def _finished_build(layout: _Layout, key: str) -> BuildResult | None:
@@ -166,7 +199,8 @@ def _finished_build(layout: _Layout, key: str) -> BuildResult | None:
 
 
 def _assemble(layout: _Layout, hf_dir: Path, decoder_dir: Path, embedder_dir: Path | None,
-              settings: RepositorySettings, key: str, calibration: Calibration | None) -> BuildResult:
+              settings: RepositorySettings, key: str, calibration: Calibration | None,
+              draft_dir: Path | None = None) -> BuildResult:
     """Write the build folder under a temporary name (artifacts hard-linked), render, then swap it into place."""
     from .repository import render_repository
 
@@ -176,10 +210,15 @@ def _assemble(layout: _Layout, hf_dir: Path, decoder_dir: Path, embedder_dir: Pa
         link_tree(hf_dir, staged.hf)
         link_tree(decoder_dir, staged.onnx, skip=(GATE_FILE,))
         shutil.copyfile(decoder_dir / GATE_FILE, staged.parity)
+        if draft_dir is not None:
+            link_tree(draft_dir, staged.draft)
         # Render from the staged copies, so the repository's files are links to the build's own.
-        render_repository(replace(settings, tokenizer_dir=staged.hf, onnx_dir=staged.onnx), staged.repository)
+        render_repository(replace(settings, tokenizer_dir=staged.hf, onnx_dir=staged.onnx,
+                                  draft_onnx_dir=staged.draft if draft_dir is not None else None), staged.repository)
         record = {"key": key, "precision": settings.engine.precision, "source": str(hf_dir),
                   "decoder_artifact": str(decoder_dir), "embedder_artifact": str(embedder_dir or ""),
+                  "draft_artifact": str(draft_dir or ""),
+                  "draft": json.loads((draft_dir / DRAFT_REPORT_FILE).read_text()) if draft_dir else None,
                   "settings": json.loads(_settings_fingerprint(settings)),
                   "cache_calibration": asdict(calibration) if calibration else None,
                   "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -230,6 +269,43 @@ def _decoder_artifact(hf_dir: Path, source_key: str, precision: str, root: Path,
         for file in candidate.iterdir():
             file.chmod(0o644)  # the server may run as another user
     return target
+
+
+def _draft_artifact(draft_hf_dir: Path, draft_source_key: str, precision: str, target_decoder_dir: Path,
+                    target_hf_dir: Path, root: Path, note: Callable[[str], None]) -> Path:
+    """The draft model's graph in `precision`, with its teacher-forced top-1 agreement with the target on held-out
+    text (the acceptance rate greedy drafting can expect) in draft.json. Not gated: a poor draft costs speed only."""
+    # The target's artifact folder name is its content key (the agreement depends on it).
+    key = _hash(_export_key(draft_source_key, precision), target_decoder_dir.name)
+    target = root / f"draft-{precision}-{key[:16]}"
+    if (target / DRAFT_REPORT_FILE).is_file():
+        return target
+    with atomic_dir(target, replace=False) as candidate:
+        note(f"building the draft's {precision} graph")
+        write_decoder(draft_hf_dir, candidate, precision)
+        note("draft vs target on held-out text (top-1 agreement)")
+        report = agreement(target_decoder_dir, candidate, target_hf_dir)
+        (candidate / DRAFT_REPORT_FILE).write_text(json.dumps(
+            {"precision": precision, "top1_agreement_with_target": report.top1_agreement,
+             "scored_tokens": report.scored_tokens}, indent=2) + "\n")
+        for file in candidate.iterdir():
+            file.chmod(0o644)
+    return target
+
+
+def check_draft_vocabulary(target_hf_dir: Path, draft_hf_dir: Path) -> None:
+    """Raise BuildError unless the draft's tokenizer maps every token to the same id as the target's (drafted ids
+    are verified as the target's own)."""
+    from tokenizers import Tokenizer
+
+    vocabularies = [Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).get_vocab(with_added_tokens=True)
+                    for folder in (target_hf_dir, draft_hf_dir)]
+    if vocabularies[0] != vocabularies[1]:
+        target, draft = vocabularies
+        differing = sorted(set(target.items()) ^ set(draft.items()))
+        raise BuildError(f"the draft model's vocabulary differs from the target's ({len(draft)} vs {len(target)} "
+                         f"tokens, {len(differing)} token/id pairs not in both, e.g. {differing[:3]}); allowed: a "
+                         f"draft model with the target's tokenizer")
 
 
 def _embedder_artifact(root: Path) -> Path:

@@ -21,8 +21,9 @@ from tritonllm.paths import TEMPLATES_DIR
 from .cache_calibration import resolve_threshold
 from .files import atomic_dir, link_or_copy, link_tree
 from .lint import CONFIG_FILE, Finding, format_findings, lint_model_configs, lint_repository, parse_config_text
-from .model_config import (EMBEDDER_FOLDER, ENGINE, ENSEMBLE, LLM, ONNX_FOLDER, POSTPROCESSING, PREPROCESSING,
-                           TENSORRT_LLM, TOKENIZER_FOLDER, VERSION, engine_model_name, template_values)
+from .model_config import (DRAFT_ONNX_FOLDER, EMBEDDER_FOLDER, ENGINE, ENSEMBLE, LLM, ONNX_FOLDER, POSTPROCESSING,
+                           PREPROCESSING, TENSORRT_LLM, TOKENIZER_FOLDER, VERSION, engine_model_name,
+                           template_values)
 from tritonllm.contract import RepositorySettings, SettingsError
 
 TEMPLATE_FILE = "config.pbtxt.template"
@@ -132,7 +133,8 @@ def _artifacts(model: str, settings: RepositorySettings) -> list[tuple[Path, str
         return [(Path(settings.tokenizer_dir), TOKENIZER_FOLDER, TOKENIZER_FILE_PATTERNS)]
     if model == ENGINE:  # its tokenizer compiles structured-output grammars
         return [(Path(settings.onnx_dir), ONNX_FOLDER, ()),
-                (Path(settings.tokenizer_dir), TOKENIZER_FOLDER, TOKENIZER_FILE_PATTERNS)]
+                (Path(settings.tokenizer_dir), TOKENIZER_FOLDER, TOKENIZER_FILE_PATTERNS),
+                *([(Path(settings.draft_onnx_dir), DRAFT_ONNX_FOLDER, ())] if settings.draft_onnx_dir else [])]
     if model == LLM:
         return [(Path(settings.embedder_dir), EMBEDDER_FOLDER, ())]
     return []

@@ -53,6 +53,7 @@ class GenerationParams:
     guided_regex: str | None = None
     guided_grammar: str | None = None
     guided_choice: str | None = None
+    speculative: str | None = None  # off | prompt_lookup | draft_model (ONNX Runtime engine); None: the build's
     cache: str | None = None  # front model only: use | bypass | refresh
 
 

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tritonllm.contract import EngineSettings
+from tritonllm.contract import SPECULATIVE_DRAFTERS, EngineSettings
 from tritonllm.python_backends.detokenizer import ENGINE_CONTEXT_TOKENS
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
 from tritonllm.python_backends.guided import GrammarCompiler, GuideSpec, MaskWorker, PendingMasks, TokenGuide
@@ -32,7 +32,7 @@ from tritonllm.python_backends.onnx_runner import OnnxDecoder
 from tritonllm.python_backends.prefix_cache import PrefixCache
 from tritonllm.python_backends.sampling import Sampler, SamplingParams, sample_batch
 from tritonllm.python_backends.scheduler import PrefillRun, Scheduler, SchedulerLimits, SequenceState, StepPlan
-from tritonllm.python_backends.speculative import make_drafter
+from tritonllm.python_backends.speculative import ModelDrafter, PromptLookup
 from tritonllm.python_backends.stop_criteria import FinishReason, finish_reason
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class GenerationRequest:
     exclude_input_in_output: bool = False
     tenant: str = ""  # prefix reuse never crosses tenants
     guide: GuideSpec | None = None  # structured output: new tokens follow this grammar
+    speculative: str | None = None  # drafter (contract.SPECULATIVE_DRAFTERS, "off": none); None: the engine's default
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,11 @@ class EngineStats:
     decode_tokens: int  # tokens sampled by decode steps (verifying steps included)
     decode_row_steps: int  # sum over those steps of their rows: decode_tokens / this = tokens per target step (1 plain)
     verify_runs: int  # single-row runs that verified drafted tokens (a verifying step runs one per row)
-    speculative_drafter: str  # EngineSettings.speculative_drafter
-    drafted_tokens: int  # proposed by the drafter and verified
+    speculative_drafter: str  # EngineSettings.speculative_drafter: the default of requests naming none
+    drafted_tokens: int  # proposed by the drafters and verified
     accepted_tokens: int  # of those, kept (each one a target step saved)
+    drafted_by: dict[str, int]  # drafted_tokens per drafter
+    accepted_by: dict[str, int]  # accepted_tokens per drafter
     kv_bytes_copied: int  # by slot moves and prefix loads/stores
     prefix_lookup_tokens: int  # prompt tokens looked up in the prefix cache
     prefix_hit_tokens: int  # of those, loaded from cached blocks instead of computed
@@ -108,6 +111,7 @@ class _Sequence(SequenceState):
     is_cancelled: Callable[[], bool]
     sampler: Sampler
     guide: TokenGuide | None = None
+    drafter: str = "off"  # contract.SPECULATIVE_DRAFTERS; speculative (the scheduler's flag) unless "off"
     sent: int = 0  # generated ids already emitted (streaming)
     finished: bool = False  # the final output was sent
     last_token_at: float = field(default_factory=time.perf_counter)  # submit time until the first token
@@ -123,8 +127,8 @@ class _Totals:
     tokens_generated: int = 0
     decode_tokens: int = 0
     decode_row_steps: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
+    drafted_by: dict[str, int] = field(default_factory=dict)
+    accepted_by: dict[str, int] = field(default_factory=dict)
     finished: dict[str, int] = field(default_factory=dict)
 
 
@@ -132,9 +136,13 @@ class Engine:
     """Continuous batching of generation requests over one ONNX decoder graph (builders/onnx_graph.py)."""
 
     def __init__(self, onnx_path: Path | str, settings: EngineSettings, token_timer: TokenTimer | None = None,
-                 tokenizer_dir: Path | str | None = None) -> None:
-        """`tokenizer_dir` (a folder holding tokenizer.json) enables guided requests; without it they are refused."""
+                 tokenizer_dir: Path | str | None = None, draft_onnx_path: Path | str | None = None) -> None:
+        """`tokenizer_dir` (a folder holding tokenizer.json) enables guided requests; without it they are refused.
+        `draft_onnx_path` (a decoder graph with the target's vocabulary) enables the draft_model drafter."""
         settings.validate()
+        if settings.speculative_drafter == ModelDrafter.name and draft_onnx_path is None:
+            raise ValueError("engine.speculative_drafter = 'draft_model' needs a draft model graph "
+                             "(parameter draft_onnx_path; build with --draft int8|int4 or --draft-model DIR)")
         self.settings = settings
         self.executor = OnnxDecoder(onnx_path, settings.max_batch_size, settings.max_context_length,
                                     settings.intra_op_threads)
@@ -143,10 +151,20 @@ class Engine:
         self.grammars = None if tokenizer_dir is None else GrammarCompiler(tokenizer_dir, self.vocab_size)
         self.masks = None if self.grammars is None else MaskWorker(self.grammars)
         self.prefix_cache = PrefixCache(settings.prefix_block_tokens, settings.prefix_cache_max_tokens)
-        self.drafter = make_drafter(settings)
+        self.prompt_lookup = PromptLookup(settings.prompt_lookup_max_ngram, settings.prompt_lookup_min_ngram)
+        self.draft_model = None
+        if draft_onnx_path is not None:
+            self.draft_model = ModelDrafter(draft_onnx_path, settings.max_batch_size, settings.max_context_length,
+                                            settings.intra_op_threads)
+            if self.draft_model.vocab_size != self.vocab_size:
+                raise ValueError(f"draft model {draft_onnx_path} has a vocabulary of {self.draft_model.vocab_size} "
+                                 f"tokens, the target {self.vocab_size}; allowed: a draft sharing the tokenizer")
+        # What a request's `speculative` input may name.
+        self.drafters = tuple(name for name in SPECULATIVE_DRAFTERS
+                              if name != ModelDrafter.name or self.draft_model is not None)
         self.scheduler = Scheduler(SchedulerLimits(settings.max_batch_size, settings.kv_cache_max_tokens,
                                                    settings.prefill_chunk_tokens, settings.prefill_group_ratio,
-                                                   settings.speculative_max_draft_tokens if self.drafter else 0,
+                                                   settings.speculative_max_draft_tokens,
                                                    settings.speculative_max_batch_size),
                                    self.prefix_cache)
         self._incoming: deque[_Sequence] = deque()  # submitted, not yet handed to the scheduler (any thread)
@@ -193,12 +211,16 @@ class Engine:
                 raise InvalidArgument(f"input {request.guide.input_name}: this engine has no tokenizer configured "
                                       "(parameter tokenizer_path), so it cannot constrain its output")
             guide = self.grammars.compile(request.guide)
+        drafter = self.settings.speculative_drafter if request.speculative is None else request.speculative
+        if drafter not in self.drafters:
+            raise InvalidArgument(f"speculative = {drafter!r} is not allowed; allowed: {', '.join(self.drafters)}"
+                                  + ("" if self.draft_model else " (draft_model needs a build with a draft model)"))
+        if guide is not None:
+            drafter = "off"  # a grammar mask per drafted position would need every token before it
         return _Sequence(tokens=prompt, prompt_length=len(prompt),
                          reserved_tokens=len(prompt) + request.max_new_tokens, tenant=request.tenant,
                          request=request, emit=emit, is_cancelled=is_cancelled, sampler=Sampler(params, len(prompt)),
-                         guide=guide,
-                         # Sampled tokens would need rejection sampling, guided ones a mask per drafted position.
-                         speculative=self.drafter is not None and params.greedy and guide is None)
+                         guide=guide, drafter=drafter, speculative=drafter != "off")
 
     def stats(self) -> EngineStats:
         """A snapshot of the engine's counters (read without stopping the loop)."""
@@ -215,8 +237,10 @@ class Engine:
             prefill_padding_ratio=counters.prefill_padding_ratio,
             decode_kv_bytes_per_step=counters.decode_kv_bytes / max(counters.decode_steps, 1),
             decode_tokens=self._totals.decode_tokens, decode_row_steps=self._totals.decode_row_steps, verify_runs=counters.verify_runs,
-            speculative_drafter=self.settings.speculative_drafter, drafted_tokens=self._totals.drafted_tokens,
-            accepted_tokens=self._totals.accepted_tokens,
+            speculative_drafter=self.settings.speculative_drafter,
+            drafted_tokens=sum(self._totals.drafted_by.values()),
+            accepted_tokens=sum(self._totals.accepted_by.values()),
+            drafted_by=dict(self._totals.drafted_by), accepted_by=dict(self._totals.accepted_by),
             kv_bytes_copied=pool.bytes_copied, prefix_lookup_tokens=prefix.lookup_tokens,
             prefix_hit_tokens=prefix.hit_tokens, prefix_cached_tokens=self.prefix_cache.tokens,
             finished=dict(self._totals.finished))
@@ -265,6 +289,8 @@ class Engine:
         executor, pool = self.executor, self.executor.pool
         for source, target in plan.moves:
             pool.move(source, target)
+            if self.draft_model is not None:
+                self.draft_model.move(source, target)
         for load in plan.loads:
             for number, block in enumerate(load.blocks):
                 pool.write(load.slot, number * self.prefix_cache.block_tokens, block)
@@ -277,9 +303,9 @@ class Engine:
             sequences: list[_Sequence] = plan.decode  # type: ignore[assignment]
             masks = self._start_masks(sequences)
             before = self._totals.tokens_generated
-            drafts = [self.drafter.propose(sequence.tokens, limit)
-                      for sequence, limit in zip(sequences, plan.draft_limits)] if plan.draft_limits else []
-            if any(drafts):
+            drafts = [self._draft(slot, sequence, limit)
+                      for slot, (sequence, limit) in enumerate(zip(sequences, plan.draft_limits))]
+            if any(tokens for tokens, _ in drafts):
                 self._verify(plan, sequences, drafts, masks)
             else:
                 self._append_tokens(sequences, executor.decode([sequence.tokens[-1] for sequence in sequences]),
@@ -287,26 +313,45 @@ class Engine:
             self._totals.decode_tokens += self._totals.tokens_generated - before
             self._totals.decode_row_steps += len(sequences)
 
-    def _verify(self, plan: StepPlan, sequences: list[_Sequence], drafts: list[list[int]],
+    def _draft(self, slot: int, sequence: _Sequence, limit: int) -> tuple[list[int], list | None]:
+        """The drafted tokens of the sequence in `slot` (none when its limit is 0), with the draft's distributions
+        when a draft model sampled them."""
+        if limit <= 0:
+            return [], None
+        if sequence.drafter == PromptLookup.name:
+            return self.prompt_lookup.propose(sequence.tokens, limit), None
+        return self.draft_model.propose(slot, sequence, sequence.tokens, limit, sequence.sampler)
+
+    def _verify(self, plan: StepPlan, sequences: list[_Sequence], drafts: list[tuple[list[int], list | None]],
                 masks: PendingMasks | None) -> None:
-        """Score every row's last token + drafts (one run per row); keep each row's drafts while the target's own
-        choice matches them, plus the target's token after the last match; roll the slots back to what was kept."""
+        """Score every row's last token + drafts (one run per row); position by position, choose each row's token
+        with the drafted one proposed (greedy: the target's argmax, sampled: speculative sampling) while the chosen
+        tokens equal the drafts; roll the slots back to what was kept."""
         lengths = [len(sequence.tokens) for sequence in sequences]
-        logits = [self.executor.verify(slot, [sequence.tokens[-1], *draft])
-                  for slot, (sequence, draft) in enumerate(zip(sequences, drafts))]
-        self._append_tokens(sequences, np.stack([row[0] for row in logits]), masks)
-        matching = [row for row, draft in enumerate(drafts) if draft]
-        for position in range(max(map(len, drafts))):
-            matching = [row for row in matching if position < len(drafts[row]) and not sequences[row].done
-                        and sequences[row].tokens[-1] == drafts[row][position]]
-            if not matching:
+        logits = [self.executor.verify(slot, [sequence.tokens[-1], *tokens])
+                  for slot, (sequence, (tokens, _)) in enumerate(zip(sequences, drafts))]
+
+        def proposal(row: int, position: int) -> tuple[int, object] | None:
+            tokens, distributions = drafts[row]
+            if position >= len(tokens):
+                return None
+            return tokens[position], None if distributions is None else distributions[position]
+
+        rows = list(range(len(sequences)))
+        for position in range(max(len(tokens) for tokens, _ in drafts) + 1):
+            self._append_tokens([sequences[row] for row in rows], np.stack([logits[row][position] for row in rows]),
+                                masks if position == 0 else None, [proposal(row, position) for row in rows])
+            rows = [row for row in rows if position < len(drafts[row][0]) and not sequences[row].done
+                    and sequences[row].tokens[-1] == drafts[row][0][position]]
+            if not rows:
                 break
-            self._append_tokens([sequences[row] for row in matching],
-                                np.stack([logits[row][position + 1] for row in matching]), None)
-        plan.drafted = [len(draft) for draft in drafts]
+        plan.drafted = [len(tokens) for tokens, _ in drafts]
         plan.accepted = [max(0, len(sequence.tokens) - length - 1) for sequence, length in zip(sequences, lengths)]
-        self._totals.drafted_tokens += sum(plan.drafted)
-        self._totals.accepted_tokens += sum(plan.accepted)
+        for sequence, drafted, accepted in zip(sequences, plan.drafted, plan.accepted):
+            if drafted:
+                totals = self._totals
+                totals.drafted_by[sequence.drafter] = totals.drafted_by.get(sequence.drafter, 0) + drafted
+                totals.accepted_by[sequence.drafter] = totals.accepted_by.get(sequence.drafter, 0) + accepted
         for slot, sequence in enumerate(sequences):
             if not sequence.done:  # the newest token's KV is written by the next step, as after a decode
                 self.executor.truncate(slot, len(sequence.tokens) - 1)
@@ -345,8 +390,10 @@ class Engine:
         return self.masks.start([sequence.guide for sequence in sequences],
                                 [sequence.sampler.params.end_id for sequence in sequences])
 
-    def _append_tokens(self, sequences: list[_Sequence], logits: np.ndarray, masks: PendingMasks | None) -> None:
-        """Sample the next token of every live sequence from its logits row, emit it, finish where due."""
+    def _append_tokens(self, sequences: list[_Sequence], logits: np.ndarray, masks: PendingMasks | None,
+                       drafted: list | None = None) -> None:
+        """Sample the next token of every live sequence from its logits row, emit it, finish where due. `drafted`:
+        per sequence, the drafted token at this position and the draft's distribution (sampling.sample_batch)."""
         live = [row for row, sequence in enumerate(sequences) if not sequence.done]
         if not live:
             return
@@ -355,7 +402,8 @@ class Engine:
             rows = masks.apply(logits, live)
         else:
             rows = logits if len(live) == len(sequences) else logits[live]
-        next_ids = sample_batch(rows, [s.sampler for s in chosen], [s.tokens for s in chosen])
+        next_ids = sample_batch(rows, [s.sampler for s in chosen], [s.tokens for s in chosen],
+                                None if drafted is None else [drafted[row] for row in live])
         if self.token_timer is not None:
             self._time_tokens(chosen)
         self._totals.tokens_generated += len(chosen)
@@ -428,3 +476,5 @@ class Engine:
             self._finish(sequence, FinishReason.ERROR, error)
         self.scheduler.clear_in_flight()
         self.executor.pool.lengths[:] = 0
+        if self.draft_model is not None:
+            self.draft_model.clear()

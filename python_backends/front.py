@@ -121,6 +121,8 @@ class Front:
                   ("prompt_in_output", prompt_in_output), *((("pad_id", pad_id),) if pad_id is not None else ()))
         greedy = SamplingParams.from_optional(temperature=values["temperature"], top_k=values["top_k"],
                                               top_p=values["top_p"]).greedy
+        if not greedy:  # a seeded answer depends on the drafter (rejection sampling draws differently); greedy not
+            params = (*params, ("speculative", _text(arrays, "speculative", None)))
         key = CacheKey(_text(arrays, "tenant", ""), self.model, params, sampled=not greedy and values["seed"] is None)
         ensemble_inputs = {name: array for name, array in arrays.items() if name in self.forwarded_inputs}
         if self.capture is not None:  # a parsed, valid request: what the engine would be calibrated for

@@ -16,7 +16,7 @@ can join them. Names follow Prometheus conventions (base units, `_seconds`, `_to
 | `tritonllm_prefix_cache_hit_tokens_total` | counter | of those, KV loaded from cached blocks instead of computed |
 | `tritonllm_decode_tokens_total` | counter | tokens sampled by decode steps (speculative verification included) |
 | `tritonllm_decode_row_steps_total` | counter | decode steps x their rows: tokens / this = tokens per target step |
-| `tritonllm_speculative_draft_tokens_total{drafter}` | counter | tokens proposed by the drafter and verified |
+| `tritonllm_speculative_draft_tokens_total{drafter}` | counter | tokens proposed by each drafter and verified |
 | `tritonllm_speculative_accepted_tokens_total{drafter}` | counter | of those, kept: accepted / drafted = acceptance |
 | `tritonllm_kv_cache_tokens` | gauge | tokens held in the KV slots of admitted sequences |
 | `tritonllm_prefix_cache_tokens` | gauge | prompt-prefix tokens whose KV is kept for reuse |
@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tritonllm.contract import SPECULATIVE_DRAFTERS
 from tritonllm.python_backends.engine import EngineStats
 from tritonllm.python_backends.stop_criteria import FinishReason
 
@@ -76,7 +77,7 @@ COUNTERS = {
                                    "Sequences in each decode step, summed over steps (decode tokens / this = tokens "
                                    "per target step)"),
 }
-# Labelled with the engine's drafter (EngineSettings.speculative_drafter).
+# One series per drafter (label `drafter`, contract.SPECULATIVE_DRAFTERS but off); keys "<key>:<drafter>".
 SPECULATIVE_COUNTERS = {
     "drafted_tokens": MetricSpec("tritonllm_speculative_draft_tokens_total", "COUNTER",
                                  "Tokens proposed by the drafter and verified by the target"),
@@ -129,7 +130,9 @@ def counter_increments(previous: EngineStats | None, current: EngineStats) -> di
         return {"prompt_tokens": stats.prompt_tokens, "generation_tokens": stats.tokens_generated,
                 "prefix_lookup_tokens": stats.prefix_lookup_tokens, "prefix_hit_tokens": stats.prefix_hit_tokens,
                 "decode_tokens": stats.decode_tokens, "decode_row_steps": stats.decode_row_steps,
-                "drafted_tokens": stats.drafted_tokens, "accepted_tokens": stats.accepted_tokens, **stats.finished}
+                **{f"drafted_tokens:{drafter}": count for drafter, count in stats.drafted_by.items()},
+                **{f"accepted_tokens:{drafter}": count for drafter, count in stats.accepted_by.items()},
+                **stats.finished}
 
     totals = totals_of(current)
     before = {} if previous is None else totals_of(previous)
@@ -152,8 +155,7 @@ class EngineMetrics:
     `timings` to the Engine as its `token_timer`, then call `start(engine.stats)`; `close()` flushes a last time.
     """
 
-    def __init__(self, metric_family: Any, model: str, version: str, kv_capacity_tokens: int,
-                 drafter: str = "off") -> None:
+    def __init__(self, metric_family: Any, model: str, version: str, kv_capacity_tokens: int) -> None:
         self.kv_capacity_tokens = kv_capacity_tokens
         self.timings = TokenTimings()
         labels = {"model": model, "version": version}
@@ -169,7 +171,8 @@ class EngineMetrics:
         self._ttft = metric(TTFT)
         self._itl = metric(ITL)
         self._counters = {key: metric(spec) for key, spec in COUNTERS.items()}
-        self._counters |= {key: metric(spec, {"drafter": drafter}) for key, spec in SPECULATIVE_COUNTERS.items()}
+        self._counters |= {f"{key}:{drafter}": metric(spec, {"drafter": drafter})
+                           for key, spec in SPECULATIVE_COUNTERS.items() for drafter in SPECULATIVE_DRAFTERS[1:]}
         # Every reason exists from the start at 0, so rate() and absence alerts work before the first finish.
         self._counters |= {reason.value: metric(FINISHED, {"reason": reason.value}) for reason in FinishReason}
         self._gauges = {key: metric(spec) for key, spec in GAUGES.items()}

@@ -19,6 +19,7 @@ from tritonllm.python_backends.errors import InvalidArgument
 TOP_P_PRESELECT = 1024
 
 TokenWords = tuple[tuple[int, ...], ...]
+Distribution = tuple[np.ndarray, np.ndarray]  # candidate ids, their probabilities
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,12 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, banned: Sequence[int]) -> int:
         """Draw one id from float32 logits [V] with temperature, top-k and top-p, in float64."""
+        return draw(*self.distribution(logits, banned), self.rng)
+
+    def distribution(self, logits: np.ndarray, banned: Sequence[int]) -> Distribution:
+        """The ids this sequence may draw next from float32 logits [V] and their probabilities (float64, summing to
+        1) after temperature, bans, top-k and top-p: the one definition of the processing, which plain sampling
+        draws from and speculative sampling (`speculative_choice`) preserves."""
         scores = logits.astype(np.float64) / self.params.temperature
         if banned:
             scores[list(banned)] = -np.inf
@@ -114,9 +121,44 @@ class Sampler:
         probs /= probs.sum()
         if self.params.top_p < 1.0:
             candidates, probs = _nucleus(candidates, probs, self.params.top_p)
-        cumulative = np.cumsum(probs)
-        pick = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
-        return int(candidates[min(pick, candidates.size - 1)])
+            probs = probs / probs.sum()
+        return candidates, probs
+
+
+def draw(candidates: np.ndarray, weights: np.ndarray, rng: np.random.Generator) -> int:
+    """One of `candidates`, with probability proportional to its (non-negative) weight."""
+    cumulative = np.cumsum(weights)
+    pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return int(candidates[min(pick, candidates.size - 1)])
+
+
+def speculative_choice(target: Distribution, drafted: int, draft: Distribution | None,
+                       rng: np.random.Generator) -> int:
+    """The token a sampled sequence keeps at a drafted position: standard speculative sampling (Leviathan et al.
+    2023, Chen et al. 2023). Keep `drafted` with probability min(1, p(x) / q(x)), else draw from max(0, p - q)
+    renormalized; the result is distributed as the target's p whatever the draft's q. `draft` None: a deterministic
+    drafter (prompt lookup), q a point mass at `drafted`, so the rule keeps it with probability p(x), else draws
+    from p without x. The result equals `drafted` exactly when it was kept (the residual has no mass at x)."""
+    candidates, p = target
+    q = np.zeros_like(p)  # the draft's probability of each target candidate
+    if draft is None:
+        q[candidates == drafted] = 1.0
+        q_drafted = 1.0
+    else:
+        draft_ids, draft_probs = draft
+        order = np.argsort(draft_ids)
+        sorted_ids = draft_ids[order]
+        at = np.minimum(np.searchsorted(sorted_ids, candidates), sorted_ids.size - 1)
+        found = sorted_ids[at] == candidates
+        q[found] = draft_probs[order][at[found]]
+        q_drafted = float(draft_probs[draft_ids == drafted].sum())
+    p_drafted = float(p[candidates == drafted].sum())
+    if rng.random() * q_drafted < p_drafted:
+        return drafted
+    residual = np.maximum(p - q, 0.0)
+    if residual.sum() <= 0.0:  # p == q up to rounding: the draw above keeps x with probability 1 but for rounding
+        return drafted
+    return draw(candidates, residual, rng)
 
 
 def _nucleus(candidates: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
@@ -131,8 +173,13 @@ def _nucleus(candidates: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[n
     return candidates[order[:keep]], sorted_probs[:keep]
 
 
-def sample_batch(logits: np.ndarray, samplers: Sequence[Sampler], histories: Sequence[Sequence[int]]) -> np.ndarray:
-    """Next id of every row of logits [B, V]: one argmax call for all greedy rows, one draw per sampled row."""
+def sample_batch(logits: np.ndarray, samplers: Sequence[Sampler], histories: Sequence[Sequence[int]],
+                 drafted: Sequence[tuple[int, Distribution | None] | None] | None = None) -> np.ndarray:
+    """Next id of every row of logits [B, V]: one argmax call for all greedy rows, one draw per sampled row.
+
+    `drafted` (per row, or None): the token a drafter proposed at this position and the draft's distribution (None
+    for a deterministic drafter); a sampled row then keeps or replaces it by `speculative_choice`. Greedy rows need
+    no rule: their argmax is kept, and the engine accepts a drafted token only when it equals it."""
     next_ids = np.empty(len(samplers), dtype=np.int64)
     bans = [sampler.banned_ids(history) for sampler, history in zip(samplers, histories)]
     greedy_rows = [row for row, sampler in enumerate(samplers) if sampler.greedy]
@@ -144,8 +191,13 @@ def sample_batch(logits: np.ndarray, samplers: Sequence[Sampler], histories: Seq
                 greedy_logits[position, bans[row]] = -np.inf
         next_ids[greedy_rows] = np.argmax(greedy_logits, axis=1)
     for row, sampler in enumerate(samplers):
-        if not sampler.greedy:
+        if sampler.greedy:
+            continue
+        proposal = drafted[row] if drafted is not None else None
+        if proposal is None:
             next_ids[row] = sampler.sample(logits[row], bans[row])
+        else:
+            next_ids[row] = speculative_choice(sampler.distribution(logits[row], bans[row]), *proposal, sampler.rng)
     return next_ids
 
 

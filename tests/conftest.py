@@ -196,3 +196,14 @@ def heldout_ids(tiny_llama_dir) -> list:
     from transformers import AutoTokenizer
 
     return tokenize_prompts(AutoTokenizer.from_pretrained(tiny_llama_dir), load_prompts(HELDOUT_FILE)[:12])
+
+
+@pytest.fixture(scope="session")
+def tiny_draft_onnx(tiny_onnx) -> Path:
+    """The tiny Llama's int8 graph: a draft model for `tiny_onnx` (the quantized self-draft in miniature)."""
+    from tritonllm.builders.onnx_graph import write_decoder
+
+    folder = tiny_onnx.parent / "draft-int8"
+    folder.mkdir()
+    write_decoder(tiny_onnx.parent / "hf", folder, "int8")
+    return folder

@@ -144,6 +144,10 @@ BROKEN = {
                                                 "llm/config.pbtxt", "parameters[ensemble_grpc_url]"),
     "traffic capture without a size bound": (edit("llm", set_parameter("capture_max_bytes", "0")),
                                              "llm/config.pbtxt", "parameters[capture_max_bytes]"),
+    "draft model drafter without a draft model": (edit("engine", set_parameter("speculative_drafter", "draft_model")),
+                                                  "engine/config.pbtxt", "parameters[speculative_drafter]"),
+    "draft model path leads nowhere": (edit("engine", set_parameter("draft_onnx_path", "draft_onnx/model.onnx")),
+                                       "engine/config.pbtxt", "parameters[draft_onnx_path]"),
     "required step input left unmapped": (
         edit("ensemble", unmap_input("engine", "request_output_len")),
         "ensemble/config.pbtxt", "step[engine].input_map"),

@@ -26,7 +26,7 @@ def stats(**changes) -> EngineStats:
                   prompt_tokens=0, tokens_generated=0, prefill_padding_ratio=0.0, decode_kv_bytes_per_step=0.0,
                   kv_bytes_copied=0, prefix_lookup_tokens=0, prefix_hit_tokens=0, prefix_cached_tokens=0, finished={},
                   decode_tokens=0, decode_row_steps=0, verify_runs=0, speculative_drafter="off", drafted_tokens=0,
-                  accepted_tokens=0)
+                  accepted_tokens=0, drafted_by={}, accepted_by={})
     return EngineStats(**{**values, **changes})
 
 
@@ -36,6 +36,9 @@ def test_counter_increments_list_only_what_moved():
     assert counter_increments(before, after) == {"prompt_tokens": 50, "length": 1, "cancelled": 1}
     assert counter_increments(None, before) == {"prompt_tokens": 100, "generation_tokens": 40, "length": 2}
     assert counter_increments(after, after) == {}
+    drafted = stats(drafted_by={"prompt_lookup": 8, "draft_model": 5}, accepted_by={"draft_model": 4})
+    assert counter_increments(None, drafted) == {"drafted_tokens:prompt_lookup": 8, "drafted_tokens:draft_model": 5,
+                                                 "accepted_tokens:draft_model": 4}
 
 
 def test_gauges_count_prefilling_as_running_and_usage_against_capacity():

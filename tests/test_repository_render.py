@@ -29,7 +29,8 @@ ENSEMBLE_INPUTS = {
     "min_tokens": ("TYPE_INT32", [1], True), "stop_words": ("TYPE_STRING", [-1], True),
     "bad_words": ("TYPE_STRING", [-1], True), "seed": ("TYPE_UINT64", [1], True),
     "apply_chat_template": ("TYPE_BOOL", [1], True), "tenant": ("TYPE_STRING", [1], True),
-    **{name: ("TYPE_STRING", [1], True) for name in ("guided_json", "guided_regex", "guided_grammar", "guided_choice")}}
+    **{name: ("TYPE_STRING", [1], True)
+       for name in ("guided_json", "guided_regex", "guided_grammar", "guided_choice", "speculative")}}
 ENSEMBLE_OUTPUTS = {"text_output": ("TYPE_STRING", [-1], False)}
 
 
@@ -84,6 +85,7 @@ def test_parameters_read_back_into_the_same_settings(artifacts, tmp_path):
     engine_config = load_config(repository, ENGINE)
     assert settings_from_parameters(EngineSettings, read_parameters(engine_config), kind="onnxruntime") == engine
     assert read_parameters(engine_config)["onnx_path"] == "onnx/model.onnx"
+    assert read_parameters(engine_config)["draft_onnx_path"] == ""  # built without a draft model
     assert engine_config.model_transaction_policy.decoupled
     for model, instances in ((PREPROCESSING, 2), (POSTPROCESSING, 3)):
         config = load_config(repository, model)
@@ -162,9 +164,9 @@ def test_tensorrt_llm_engine_replaces_the_engine_step(artifacts, tmp_path):
     assert trtllm.dynamic_batching.max_queue_delay_microseconds == 500
 
     ensemble = load_config(repository, ENSEMBLE)
-    # TensorRT-LLM takes no tenant (its own KV reuse is not scoped by tenant) and no guided_* inputs (the ONNX
-    # engine's structured output): the ensemble does not offer them.
-    onnx_only = {"tenant", "guided_json", "guided_regex", "guided_grammar", "guided_choice"}
+    # TensorRT-LLM takes no tenant (its own KV reuse is not scoped by tenant), no guided_* inputs (the ONNX
+    # engine's structured output) and no speculative (its drafter): the ensemble does not offer them.
+    onnx_only = {"tenant", "guided_json", "guided_regex", "guided_grammar", "guided_choice", "speculative"}
     without_onnx_only = {name: value for name, value in ENSEMBLE_INPUTS.items() if name not in onnx_only}
     assert (contract(ensemble.input), contract(ensemble.output)) == (without_onnx_only, ENSEMBLE_OUTPUTS)
     steps = {step.model_name: step for step in ensemble.ensemble_scheduling.step}

@@ -107,6 +107,11 @@ def build(
     gate_min_agreement: float = typer.Option(0.90, help="FP8 gate: min greedy top-1 agreement with the fp32 model"),
     gate_max_perplexity_increase: float = typer.Option(0.05, help="FP8 gate: max relative perplexity increase"),
     served_engine_dir: Optional[str] = typer.Option(None, help="TensorRT-LLM engine folder as the server sees it"),
+    draft: Optional[Precision] = typer.Option(
+        None, help="speculative draft model in this precision: the model itself (int4/int8 self-draft) or "
+                   "--draft-model; requests then speculate with it by default"),
+    draft_model: Optional[str] = typer.Option(
+        None, help="HF folder or .gguf of a draft model sharing the tokenizer (default precision int8)"),
 ) -> None:
     """Build the model (and its Triton model repository)."""
     from tritonllm.builders.errors import BuildError
@@ -116,6 +121,9 @@ def build(
         _usage_error("--quant", quant.value,
                      f"nothing with --engine onnxruntime (it takes --precision {'|'.join(PRECISIONS)}; its int4 is "
                      f"INT4 AWQ)")
+    if engine is Engine.trtllm and (draft is not None or draft_model is not None):
+        _usage_error("--draft" if draft is not None else "--draft-model", (draft and draft.value) or draft_model,
+                     "nothing with --engine trtllm (speculative drafting is the ONNX Runtime engine's)")
     if engine is Engine.trtllm and quant is None:
         _fail("--quant is required with --engine trtllm; allowed: fp8, int4_awq (the TensorRT-LLM quantizations "
               "this project gates)", USAGE_ERROR)
@@ -129,7 +137,8 @@ def build(
             result = build_onnx(model=model, out_dir=out, precision=precision.value, console=console,
                                 calibration_file=calib,
                                 engine=EngineSettings(precision=precision.value, max_batch_size=max_batch_size,
-                                                      kv_cache_max_tokens=kv_cache_max_tokens))
+                                                      kv_cache_max_tokens=kv_cache_max_tokens),
+                                draft=draft.value if draft is not None else None, draft_model=draft_model)
             calibration = result.cache_calibration  # from the build report
             if calibration:
                 console.print(f"[green]semantic cache:[/] similarity_threshold {calibration['similarity_threshold']} "

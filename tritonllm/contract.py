@@ -81,6 +81,8 @@ ENSEMBLE_INPUTS: tuple[Tensor, ...] = (
     Tensor("guided_regex", "TYPE_STRING", (1,), True, "the answer matches this regular expression"),
     Tensor("guided_grammar", "TYPE_STRING", (1,), True, "the answer follows this Lark or GBNF grammar"),
     Tensor("guided_choice", "TYPE_STRING", (1,), True, "the answer is one of these strings (a JSON list)"),
+    Tensor("speculative", "TYPE_STRING", (1,), True,
+           "ours: off, prompt_lookup or draft_model (a build with a draft); default: the build's drafter"),
 )
 # The structured-output inputs above.
 GUIDED_INPUTS: tuple[str, ...] = tuple(tensor.name for tensor in ENSEMBLE_INPUTS if tensor.name.startswith("guided_"))
@@ -199,8 +201,10 @@ EngineKind = Literal["onnxruntime", "tensorrt_llm"]
 
 # Weight precisions of the ONNX Runtime engine (bf16 is not offered: ONNX Runtime's CPU provider has no bf16 kernels).
 PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int4")
-# Drafters of the ONNX Runtime engine's speculative decoding ("off": none; python_backends/speculative.py).
-SPECULATIVE_DRAFTERS: tuple[str, ...] = ("off", "prompt_lookup")
+# Drafters of the ONNX Runtime engine's speculative decoding ("off": none; python_backends/speculative.py):
+# prompt_lookup needs no model, draft_model is a second decoder graph sharing the target's tokenizer (built with
+# `tritonllm build --draft int8|int4` or `--draft-model DIR`). A request's `speculative` input names one of them.
+SPECULATIVE_DRAFTERS: tuple[str, ...] = ("off", "prompt_lookup", "draft_model")
 
 
 class SettingsError(ValueError):
@@ -223,7 +227,9 @@ class EngineSettings:
     prefix_cache_max_tokens: int = 4096  # KV of prompt prefixes kept for reuse (per engine); 0 = off
     prefix_block_tokens: int = 16  # prompt tokens per reusable block
     # Speculative decoding (greedy, unguided requests): a drafter proposes tokens, one target pass verifies them.
-    speculative_drafter: str = "off"  # off or prompt_lookup (n-gram continuation from the prompt and output)
+    # The drafter of requests that do not name one: off, prompt_lookup (n-gram continuation from the prompt and
+    # output) or draft_model (needs the repository's draft graph, RepositorySettings.draft_onnx_dir).
+    speculative_drafter: str = "off"
     speculative_max_draft_tokens: int = 8  # drafted tokens per sequence and step, at most
     # Speculate only while the decode batch has at most this many rows: ONNX Runtime's CPU GroupQueryAttention
     # verifies one row per run, so a verifying step reads the weights once per row where a decode step reads them
@@ -347,6 +353,8 @@ class RepositorySettings:
     onnx_dir: Path | None = None  # folder holding model.onnx (+ external data) for the onnxruntime engine
     trtllm_engine_dir: str = ""  # engine folder path *inside the serving container* for the tensorrt_llm engine
     embedder_dir: Path | None = None  # folder holding the ONNX sentence embedder for the semantic cache
+    # folder holding the draft model's decoder graph (speculative drafter draft_model); None: no draft model
+    draft_onnx_dir: Path | None = None
     served_model_name: str = "smollm2-135m-instruct"
     max_request_batch_size: int = 64  # Triton-level max_batch_size of ensemble/pre/post models
     preprocessing_instances: int = 1
@@ -371,6 +379,13 @@ class RepositorySettings:
                    "the engine folder as seen inside the serving container")
         _check((Path(self.tokenizer_dir) / "tokenizer.json").is_file(), "tokenizer_dir", self.tokenizer_dir,
                "a Hugging Face folder holding tokenizer.json")
+        _check(self.draft_onnx_dir is None or (self.engine.kind == "onnxruntime"
+                                               and (Path(self.draft_onnx_dir) / "model.onnx").is_file()),
+               "draft_onnx_dir", self.draft_onnx_dir, "None, or with the onnxruntime engine a folder holding "
+               "model.onnx (`tritonllm build --draft int8|int4` or `--draft-model DIR`)")
+        _check(self.engine.speculative_drafter != "draft_model" or self.draft_onnx_dir is not None,
+               "engine.speculative_drafter", self.engine.speculative_drafter,
+               "off or prompt_lookup without a draft model (draft_onnx_dir); draft_model needs one")
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -399,10 +414,12 @@ DEFAULT_ENSEMBLE_GRPC_URL = "127.0.0.1:8001"  # tritonserver's default gRPC port
 # Set by tritonllm's launcher for the stubs (it knows the port it chose); wins over the parameter.
 ENSEMBLE_URL_ENVIRONMENT = "TRITONLLM_GRPC_URL"
 # Ensemble inputs only the ONNX Runtime engine reads.
-ONNX_ENGINE_ONLY_INPUTS: tuple[str, ...] = ("tenant", *GUIDED_INPUTS)
+ONNX_ENGINE_ONLY_INPUTS: tuple[str, ...] = ("tenant", *GUIDED_INPUTS, "speculative")
 # Path parameters (relative to the version folder) -> a file the path must hold ("" : the path itself is the file or
 # folder that must exist).
 PATH_PARAMETERS: dict[str, str] = {"tokenizer_path": "tokenizer.json", "onnx_path": "", "embedder_path": ""}
+# Engine parameter: the draft model's graph (relative to the version folder); empty when the build has none.
+DRAFT_ONNX_PARAMETER = "draft_onnx_path"
 # Written by the ONNX export next to model.onnx: {"precision": ..., ...}; the engine checks its `precision`
 # parameter against it at load.
 DECODER_METADATA_FILE = "decoder.json"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonllm.contract import (GUIDED_INPUTS, EngineSettings, check_decoder_precision, required_parameter,
-                                settings_from_parameters)
+from tritonllm.contract import (DRAFT_ONNX_PARAMETER, GUIDED_INPUTS, EngineSettings, check_decoder_precision,
+                                required_parameter, settings_from_parameters)
 from tritonllm.python_backends.cancellation import CancellationBoard
 from tritonllm.python_backends.engine import Engine, EngineOutput, GenerationRequest
 from tritonllm.python_backends.errors import InvalidArgument, Unavailable
@@ -29,15 +29,17 @@ class TritonPythonModel:
         parameters, version_dir = model_setup(args)
         settings = settings_from_parameters(EngineSettings, parameters, kind="onnxruntime")
         self.metrics = EngineMetrics(pb_utils.MetricFamily, args["model_name"], args["model_version"],
-                                     settings.kv_cache_max_tokens, settings.speculative_drafter)
+                                     settings.kv_cache_max_tokens)
         onnx_path = version_dir / required_parameter(parameters, "onnx_path", "engine")
         check_decoder_precision(onnx_path, settings.precision)
         # end_id comes with each request (preprocessing fills in the model's eos); pad_id needs no default: padded
         # prefill positions are masked, so the pad token never changes the text.
         # Cancellations the front model posts (Triton does not pass a client's cancel into ensemble steps).
         self.board = CancellationBoard(args["model_name"])
+        draft = parameters.get(DRAFT_ONNX_PARAMETER, "")
         self.engine = Engine(onnx_path, settings, token_timer=self.metrics.timings,
-                             tokenizer_dir=version_dir / required_parameter(parameters, "tokenizer_path", "engine"))
+                             tokenizer_dir=version_dir / required_parameter(parameters, "tokenizer_path", "engine"),
+                             draft_onnx_path=version_dir / draft if draft else None)
         self.metrics.start(self.engine.stats)
 
     def execute(self, requests: list) -> None:
@@ -84,10 +86,12 @@ class TritonPythonModel:
             stop_words=words("stop_words_list"), bad_words=words("bad_words_list"))
         tenant = scalar("tenant", np.object_, b"")
         guide = GuideSpec.from_inputs({name: _utf8(scalar(name, np.object_), name) for name in GUIDED_INPUTS})
+        speculative = _utf8(scalar("speculative", np.object_), "speculative")
         return GenerationRequest(
             input_ids=input_ids[0, :length].tolist(), tenant=tenant.decode("utf-8", "replace"),
             max_new_tokens=scalar("request_output_len", np.int32, required=True),
             sampling=sampling, streaming=bool(scalar("streaming", np.bool_, False)), guide=guide,
+            speculative=speculative,
             exclude_input_in_output=bool(scalar("exclude_input_in_output", np.bool_, False)))
 
     def _is_cancelled(self, request, request_id: str) -> bool:
