@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 from pathlib import Path
@@ -31,15 +30,9 @@ from tritonllm.client.deployment import bundled_build
 from tritonllm.client.peers import OpenAICompletionsStream, TritonStream
 from tritonllm.client.workload import synthetic_prompts
 from tritonllm.gateway.tokens import repository_tokenizer_dir
-from tritonllm.server import TritonServer
+from tritonllm.server import TritonServer, free_port
 
 SERVED_NAME = "smollm2"  # the name peers.wait_ready looks for in /v1/models
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -75,7 +68,7 @@ def main() -> None:
     prompts = synthetic_prompts(AutoTokenizer.from_pretrained(repository_tokenizer_dir(repository)), args.requests,
                                 100, 200)
     levels = [int(level) for level in args.concurrency.split(",")]
-    port = _free_port()
+    port = free_port()
     with TritonServer(repository) as triton:
         # the ensemble on both sides: the same path, the gateway in front or not
         gateway = start_server([str(Path(sys.executable).parent / "tritonllm"), "gateway",
