@@ -49,9 +49,9 @@ def _onnx_logits(onnx_dir: Path):
 
 
 def _export(model: torch.nn.Module, folder: Path) -> Path:
-    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    from tritonllm.builders.trtllm_export import export_trtllm_checkpoint
 
-    export_tensorrt_llm_checkpoint(model, "llama", torch.bfloat16, folder, inference_tensor_parallel=1)
+    export_trtllm_checkpoint(model, folder)
     return folder
 
 

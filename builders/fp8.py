@@ -40,17 +40,17 @@ from tritonllm.python_backends.chat import encode_user_turn
 from .errors import BuildError
 from .files import atomic_dir
 from .source import content_key
+from .architecture import architecture_of
 from .fp8_verify import (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, FP8_DTYPE, PER_CHANNEL_PER_TOKEN, PER_TENSOR,
                          W4A16_AWQ, CheckpointModel, GateReport, GateThresholds, TokenScores,
-                         checkpoint_tensor_problems, compare_scores, read_checkpoint_config, run_gate,
-                         score_sequences)
+                         checkpoint_architecture, checkpoint_tensor_problems, compare_scores, read_checkpoint_config,
+                         run_gate, score_sequences)
+from .trtllm_export import check_exportable, export_trtllm_checkpoint
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CALIBRATION_FILE = DATA_DIR / "calibration_prompts.jsonl"
 HELDOUT_FILE = DATA_DIR / "heldout_prompts.jsonl"
 MAX_SEQUENCE_TOKENS = 512  # longer prompts are cut: calibration statistics saturate well before, and CPU time does not
-# Hugging Face model_type -> Model Optimizer's TensorRT-LLM decoder type. Only layouts the gate can rebuild.
-DECODER_TYPES = {"llama": "llama"}
 CHECKPOINT_DIR = "trtllm_checkpoint"
 HF_FP8_DIR = "hf_fp8"
 REPORT_FILE = "gate_report.json"
@@ -61,6 +61,10 @@ HF_QUANT_CONFIG = "hf_quant_config.json"
 HF_LINEARS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               "attention.dense": ("self_attn.o_proj",), "mlp.fc": ("mlp.gate_proj",), "mlp.gate": ("mlp.up_proj",),
               "mlp.proj": ("mlp.down_proj",)}
+# The builders.architecture facts a checkpoint config and its source config must agree on (RMSNorm offsets differ by
+# design: the checkpoint stores Gemma's 1 + w).
+ARCHITECTURE_FACTS = ("activation", "sandwich_norms", "qk_norm", "embedding_scale", "attention_scale",
+                      "final_logit_softcap", "windows", "local_rope")
 # TensorRT-LLM scale tensor -> the FP8 Hugging Face checkpoint's, per quant algo.
 HF_SCALES = {PER_TENSOR: {"weights_scaling_factor": "weight_scale", "activation_scaling_factor": "input_scale"},
              PER_CHANNEL_PER_TOKEN: {"per_channel_scale": "weight_scale"}}
@@ -305,12 +309,11 @@ def export_checkpoints(model: torch.nn.Module, checkpoint_dir: Path, hf_fp8_dir:
                        excluded_layers: list[int] | None = None) -> None:
     """Write the TensorRT-LLM checkpoint (config.json + rank0.safetensors) and, unless hf_fp8_dir is None, the FP8
     Hugging Face checkpoint; with excluded layers, both configs list them by exact module name."""
-    from modelopt.torch.export import export_hf_checkpoint, export_tensorrt_llm_checkpoint
+    from modelopt.torch.export import export_hf_checkpoint
 
-    decoder_type = DECODER_TYPES[model.config.model_type]
     # TensorRT-LLM first: it gives fused layers (q/k/v, gate/up) one shared scale in place, and the HF export then
     # replaces the weights by FP8 tensors in place, after which the model no longer runs.
-    export_tensorrt_llm_checkpoint(model, decoder_type, torch.bfloat16, checkpoint_dir, inference_tensor_parallel=1)
+    export_trtllm_checkpoint(model, checkpoint_dir)
     if excluded_layers:
         _set_exclude_modules(checkpoint_dir / CHECKPOINT_CONFIG, exclude_modules(excluded_layers, "trtllm"))
     if hf_fp8_dir is None:
@@ -355,10 +358,11 @@ def config_mismatches(checkpoint_config: dict, source_config, quantization: dict
         "intermediate_size": source_config.intermediate_size,
         "vocab_size": source_config.vocab_size,
         "max_position_embeddings": source_config.max_position_embeddings,
-        "hidden_act": source_config.hidden_act,
         "norm_epsilon": source_config.rms_norm_eps,
         "rotary_base": source_config.rope_theta,
         "rotary_scaling": source_config.rope_scaling,
+        **({"rope_local_base_freq": source_config.rope_local_base_freq}
+           if architecture_of(source_config).has_local_rope else {}),
         **{f"quantization.{key}": value for key, value in quantization.items()},
     }
     mismatches = []
@@ -373,6 +377,25 @@ def config_mismatches(checkpoint_config: dict, source_config, quantization: dict
             else got == want
         if not same:
             mismatches.append(f"{key} = {got!r}, source model: {want!r}")
+    return mismatches + architecture_mismatches(checkpoint_config, source_config)
+
+
+def architecture_mismatches(checkpoint_config: dict, source_config) -> list[str]:
+    """Where the rebuild's reading of the checkpoint config (fp8_verify.checkpoint_architecture: what trtllm-build
+    will build) differs from the ONNX graph's reading of the source config (architecture.architecture_of): the
+    activation, norms, embedding and attention scales, soft-capping, and each layer's window and RoPE."""
+    try:
+        rebuilt = checkpoint_architecture(checkpoint_config)
+    except BuildError as error:
+        return [str(error)]
+    source = architecture_of(source_config)
+    mismatches = []
+    for fact in ARCHITECTURE_FACTS:
+        got, want = getattr(rebuilt, fact), getattr(source, fact)
+        same = math.isclose(got, want, rel_tol=1e-6) if isinstance(got, float) and isinstance(want, float) \
+            else got == want
+        if not same:
+            mismatches.append(f"{fact} = {got!r} as the checkpoint config reads, source model: {want!r}")
     return mismatches
 
 
@@ -446,11 +469,10 @@ def _search(hf_dir: Path, out_dir: Path, calib_file: Path | None, calib_size: in
     calibration = load_prompts(calib_file or DEFAULT_CALIBRATION_FILE, calib_size)
     heldout = load_prompts(HELDOUT_FILE)
     source_config = AutoConfig.from_pretrained(hf_dir)
-    if source_config.model_type not in DECODER_TYPES:
-        raise BuildError(f"{hf_dir}: model_type {source_config.model_type!r} has no TensorRT-LLM path here; "
-                         f"allowed: {', '.join(DECODER_TYPES)}")
-    if not source_config.architectures:
-        raise BuildError(f"{hf_dir}/config.json has no 'architectures'; the TensorRT-LLM export needs it")
+    try:
+        check_exportable(source_config)
+    except BuildError as error:
+        raise BuildError(f"{hf_dir}: {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     calibration_ids = tokenize_prompts(tokenizer, calibration)
     heldout_ids = tokenize_prompts(tokenizer, heldout)

@@ -7,8 +7,16 @@ rebuilt: FP8 (one calibrated scale per weight and per activation tensor), FP8_PE
 weight row, activations scaled per token at run time) and W4A16_AWQ (4-bit weights in groups of `group_size` input
 channels with one scale per group and row, activations multiplied by the AWQ pre-quant scale; a weight-only format,
 so the GEMM runs in the checkpoint dtype on the dequantized weights, as TensorRT-LLM's W4A16 kernels do in their
-registers). Linear layers the config's `exclude_modules` names stay in the checkpoint dtype. This module needs
-only torch, safetensors and rich, so the same check runs on a bare GPU machine (benchmarks/gpu_check.py).
+registers). Linear layers the config's `exclude_modules` names stay in the checkpoint dtype.
+
+Two decoder layouts are rebuilt, each from the checkpoint's own config (what trtllm-build reads), described by the
+same `Architecture` facts the ONNX graph reads from a Hugging Face config (`checkpoint_architecture`), so that the
+build can compare the two readings: TensorRT-LLM's Llama (pre-norm blocks, SiLU gated MLP, one RoPE) and its Gemma 3
+(sandwich norms, q/k RMSNorm before rotary, gelu-tanh gated MLP, embeddings times sqrt(hidden_size), attention scale
+query_pre_attn_scalar^-0.5, full attention on every `_sliding_window_pattern`-th layer and a window of
+`sliding_window` tokens with the `rope_local_base_freq` RoPE on the others, optional final logit soft-capping).
+This module needs only torch, safetensors and rich (and builders.architecture), so the same check runs on a bare GPU
+machine (benchmarks/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -26,14 +34,35 @@ import torch.nn.functional as F
 from rich.table import Table
 from safetensors.torch import load_file
 
+from .architecture import Architecture
 from .errors import BuildError
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_WEIGHTS = "rank0.safetensors"
-# Layouts this rebuild implements (TensorRT-LLM's Llama decoder: RMSNorm, rotary GPT-NeoX, gated SiLU MLP).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a TensorRT-LLM architecture fixes, whatever its config says: the Hugging Face model type it comes from,
+    the hidden_act values its checkpoints carry (-> the activation's Architecture name), and whether it is Gemma 3."""
+
+    model_type: str
+    activations: dict[str, str]
+    gemma3: bool
+
+
+# Layouts this rebuild implements, by the checkpoint's `architecture`. TensorRT-LLM's "gelu" is the tanh approximation
+# (Model Optimizer exports Gemma's gelu_pytorch_tanh as "gelu").
+LAYOUTS = {"LlamaForCausalLM": _Layout("llama", {"silu": "silu"}, gemma3=False),
+           "Gemma3ForCausalLM": _Layout("gemma3_text", {"gelu": "gelu_pytorch_tanh",
+                                                        "gelu_pytorch_tanh": "gelu_pytorch_tanh"}, gemma3=True)}
+SUPPORTED_ARCHITECTURES = tuple(LAYOUTS)
+# Config keys a Gemma 3 checkpoint must carry (TensorRT-LLM's Gemma3ConfigGroup).
+GEMMA3_KEYS = ("query_pre_attn_scalar", "final_logit_softcapping", "_sliding_window_pattern", "rope_local_base_freq",
+               "sliding_window")
+ACTIVATION_FUNCTIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 # Linear layers of one decoder layer in TensorRT-LLM's naming. mlp.fc is HF gate_proj (the SiLU input), mlp.gate is
 # HF up_proj.
 LAYER_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
@@ -142,9 +171,48 @@ Linear = Fp8Linear | Fp8RowwiseLinear | Int4AwqLinear | PlainLinear
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    mlp_norm: torch.Tensor  # the MLP's input norm
     linears: dict[str, Linear]
     kv_cache_scale: torch.Tensor | None
+    # Gemma 3 only: the norms of the attention and MLP outputs (before the residual add), of each q and k head.
+    attention_output_norm: torch.Tensor | None = None
+    mlp_output_norm: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    window: int | None = None  # sliding window in tokens (the query and window - 1 earlier ones); None: full
+    local_rope: bool = False  # the RoPE of sliding layers (rope_local_base_freq)
+
+
+def is_sliding_layer(index: int, pattern: int) -> bool:
+    """Whether TensorRT-LLM's Gemma 3 decoder layer `index` is a sliding-window (local) one: all but every
+    `_sliding_window_pattern`-th layer."""
+    return bool((index + 1) % pattern)
+
+
+def checkpoint_architecture(config: dict, where: Path = Path(".")) -> Architecture:
+    """The decoder facts of a TensorRT-LLM checkpoint config, as builders.architecture describes a Hugging Face
+    config's; BuildError naming the first feature this rebuild does not implement. RMSNorm weights are stored as
+    the multiplier itself (Model Optimizer exports Gemma's as 1 + w), so norm_weight_offset is 0."""
+    _check_supported(config, where)
+    layout = LAYOUTS[config["architecture"]]
+    layers = config["num_hidden_layers"]
+    head_size = config.get("head_size") or config["hidden_size"] // config["num_attention_heads"]
+    if layout.gemma3:
+        local = tuple(is_sliding_layer(index, config["_sliding_window_pattern"]) for index in range(layers))
+        window = config["sliding_window"]
+        # A window no shorter than the longest position never masks anything: that is full attention.
+        windows = tuple(int(window) if sliding and window < config["max_position_embeddings"] else None
+                        for sliding in local)
+        attention_scale = float(config["query_pre_attn_scalar"]) ** -0.5
+        embedding_scale = float(config["hidden_size"]) ** 0.5
+        softcap = float(config["final_logit_softcapping"]) if config["final_logit_softcapping"] else None
+    else:
+        local, windows = (False,) * layers, (None,) * layers
+        attention_scale, embedding_scale, softcap = head_size ** -0.5, None, None
+    return Architecture(model_type=layout.model_type, activation=layout.activations[config["hidden_act"]],
+                        norm_weight_offset=0.0, sandwich_norms=layout.gemma3, qk_norm=layout.gemma3,
+                        embedding_scale=embedding_scale, attention_scale=attention_scale,
+                        final_logit_softcap=softcap, windows=windows, local_rope=local)
 
 
 def read_checkpoint_config(checkpoint_dir: Path) -> dict:
@@ -247,15 +315,15 @@ def _scale_problems(name: str, scale: torch.Tensor | None, dtypes: tuple[torch.d
 
 
 class CheckpointModel:
-    """A Llama-family decoder rebuilt from a TensorRT-LLM checkpoint (config.json + rank0.safetensors), every quantized
-    linear layer an FP8 GEMM. With an FP8 KV cache, keys and values are rounded through FP8 with the checkpoint's
-    KV scale, as the engine's generation phase reads them back from the cache."""
+    """A decoder (one of LAYOUTS) rebuilt from a TensorRT-LLM checkpoint (config.json + rank0.safetensors), every
+    quantized linear layer an FP8 GEMM (or dequantized int4). With an FP8 KV cache, keys and values are rounded
+    through FP8 with the checkpoint's KV scale, as the engine's generation phase reads them back from the cache."""
 
     def __init__(self, checkpoint_dir: Path, device: str | torch.device = "cpu",
                  compute_dtype: torch.dtype | None = None) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.config = config = read_checkpoint_config(self.checkpoint_dir)
-        _check_supported(config, self.checkpoint_dir)
+        self.architecture = architecture = checkpoint_architecture(config, self.checkpoint_dir)
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype or getattr(torch, config["dtype"])
         tensors = load_file(self.checkpoint_dir / CHECKPOINT_WEIGHTS)
@@ -292,31 +360,49 @@ class CheckpointModel:
         self.final_norm = plain("transformer.ln_f.weight")
         # Tied embeddings: TensorRT-LLM checkpoints carry lm_head.weight unless share_embedding_table is set.
         self.lm_head = linear("lm_head") if "lm_head.weight" in tensors else PlainLinear(self.embedding)
+        sandwich = architecture.sandwich_norms
         self.layers = []
         for index in range(config["num_hidden_layers"]):
             prefix = f"transformer.layers.{index}"
             kv_scale = tensors.get(f"{prefix}.attention.kv_cache_scaling_factor")
             self.layers.append(_Layer(
                 input_norm=plain(f"{prefix}.input_layernorm.weight"),
-                post_norm=plain(f"{prefix}.post_layernorm.weight"),
+                # Llama's post_layernorm feeds the MLP; Gemma's norms the attention output (sandwich norms).
+                mlp_norm=plain(f"{prefix}.{'pre_feedforward_layernorm' if sandwich else 'post_layernorm'}.weight"),
                 linears={name: linear(f"{prefix}.{name}") for name in LAYER_LINEARS},
                 kv_cache_scale=kv_scale.reshape(()).float().to(self.device)
-                if self.kv_cache_quant_algo == "FP8" else None))
-        head_size = config.get("head_size") or config["hidden_size"] // config["num_attention_heads"]
-        self.head_size = head_size
-        self.inv_freq = 1.0 / (config["rotary_base"] ** (
-            torch.arange(0, head_size, 2, dtype=torch.float32, device=self.device) / head_size))
+                if self.kv_cache_quant_algo == "FP8" else None,
+                attention_output_norm=plain(f"{prefix}.post_layernorm.weight") if sandwich else None,
+                mlp_output_norm=plain(f"{prefix}.post_feedforward_layernorm.weight") if sandwich else None,
+                q_norm=plain(f"{prefix}.attention.q_layernorm.weight") if architecture.qk_norm else None,
+                k_norm=plain(f"{prefix}.attention.k_layernorm.weight") if architecture.qk_norm else None,
+                window=architecture.windows[index], local_rope=architecture.local_rope[index]))
+        self.head_size = config.get("head_size") or config["hidden_size"] // config["num_attention_heads"]
+        self.activation = ACTIVATION_FUNCTIONS[architecture.activation]
+        self.inv_freq = self._inverse_frequencies(config["rotary_base"])
+        self.local_inv_freq = (self._inverse_frequencies(config["rope_local_base_freq"])
+                               if architecture.has_local_rope else None)
+
+    def _inverse_frequencies(self, base: float) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_size, 2, dtype=torch.float32, device=self.device) / self.head_size
+        return 1.0 / (base ** exponents)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Float32 logits [batch, tokens, vocab] for input_ids [batch, tokens] (no padding; positions from 0)."""
-        config = self.config
+        config, architecture = self.config, self.architecture
         heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
         eps = config["norm_epsilon"]
         input_ids = input_ids.to(self.device)
         batch, tokens = input_ids.shape
         hidden = self.embedding[input_ids]
-        cos, sin = self._rotary(tokens)
+        if architecture.embedding_scale is not None:
+            hidden = (hidden * architecture.embedding_scale).to(self.compute_dtype)
+        rotary = {False: self._rotary(tokens, self.inv_freq)}
+        if self.local_inv_freq is not None:
+            rotary[True] = self._rotary(tokens, self.local_inv_freq)
+        masks = {window: _window_mask(tokens, window, self.device)
+                 for window in {layer.window for layer in self.layers} if window is not None}
         for layer in self.layers:
             x = _rms_norm(hidden, layer.input_norm, eps)
             qkv = layer.linears["attention.qkv"](x)
@@ -324,39 +410,77 @@ class CheckpointModel:
             q = q.view(batch, tokens, heads, self.head_size).transpose(1, 2)
             k = k.view(batch, tokens, kv_heads, self.head_size).transpose(1, 2)
             v = v.view(batch, tokens, kv_heads, self.head_size).transpose(1, 2)
+            if layer.q_norm is not None:
+                q, k = _rms_norm(q, layer.q_norm, eps), _rms_norm(k, layer.k_norm, eps)
+            cos, sin = rotary[layer.local_rope]
             q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
             if layer.kv_cache_scale is not None:
                 k, v = fake_quantize_fp8(k, layer.kv_cache_scale), fake_quantize_fp8(v, layer.kv_cache_scale)
-            attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+            if layer.window is None:
+                attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=architecture.attention_scale,
+                                                           enable_gqa=heads != kv_heads)
+            else:
+                attention = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[layer.window],
+                                                           scale=architecture.attention_scale,
+                                                           enable_gqa=heads != kv_heads)
             attention = attention.transpose(1, 2).reshape(batch, tokens, heads * self.head_size)
-            hidden = hidden + layer.linears["attention.dense"](attention)
-            x = _rms_norm(hidden, layer.post_norm, eps)
-            gated = F.silu(layer.linears["mlp.fc"](x)) * layer.linears["mlp.gate"](x)
-            hidden = hidden + layer.linears["mlp.proj"](gated)
-        return self.lm_head(_rms_norm(hidden, self.final_norm, eps)).float()
+            attention = layer.linears["attention.dense"](attention)
+            if layer.attention_output_norm is not None:
+                attention = _rms_norm(attention, layer.attention_output_norm, eps)
+            hidden = hidden + attention
+            x = _rms_norm(hidden, layer.mlp_norm, eps)
+            mlp = layer.linears["mlp.proj"](self.activation(layer.linears["mlp.fc"](x)) * layer.linears["mlp.gate"](x))
+            if layer.mlp_output_norm is not None:
+                mlp = _rms_norm(mlp, layer.mlp_output_norm, eps)
+            hidden = hidden + mlp
+        logits = self.lm_head(_rms_norm(hidden, self.final_norm, eps)).float()
+        if architecture.final_logit_softcap is not None:
+            logits = torch.tanh(logits / architecture.final_logit_softcap) * architecture.final_logit_softcap
+        return logits
 
-    def _rotary(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary(self, tokens: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(tokens, dtype=torch.float32, device=self.device)
-        angles = torch.outer(positions, self.inv_freq)
+        angles = torch.outer(positions, inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(self.compute_dtype), angles.sin().to(self.compute_dtype)
 
 
+def _window_mask(tokens: int, window: int, device: torch.device) -> torch.Tensor:
+    """[tokens, tokens] True where query i may attend key j: causal, and j among the window tokens ending at i."""
+    positions = torch.arange(tokens, device=device)
+    distance = positions[:, None] - positions[None, :]
+    return (distance >= 0) & (distance < window)
+
+
 def _check_supported(config: dict, where: Path) -> None:
-    expected = {"architecture": SUPPORTED_ARCHITECTURES, "position_embedding_type": ("rope_gpt_neox",),
-                "hidden_act": ("silu",), "rotary_scaling": (None,)}
+    file = where / CHECKPOINT_CONFIG
+    architecture = config.get("architecture")
+    if architecture not in LAYOUTS:
+        raise BuildError(f"{file}: architecture = {architecture!r}; the gate rebuilds {' / '.join(LAYOUTS)} only")
+    layout = LAYOUTS[architecture]
+    expected = {"position_embedding_type": ("rope_gpt_neox",), "hidden_act": tuple(layout.activations),
+                "rotary_scaling": (None,)}
     for key, allowed in expected.items():
         if config.get(key) not in allowed:
-            raise BuildError(f"{where / CHECKPOINT_CONFIG}: {key} = {config.get(key)!r}; the FP8 gate rebuilds "
-                             f"{' / '.join(map(str, allowed))} only")
+            raise BuildError(f"{file}: {key} = {config.get(key)!r} is not supported for {architecture}; the gate "
+                             f"rebuilds {' / '.join(map(str, allowed))} only")
     if config.get("rotary_pct", 1.0) != 1.0:
-        raise BuildError(f"{where / CHECKPOINT_CONFIG}: rotary_pct = {config['rotary_pct']}; only 1.0 is rebuilt")
+        raise BuildError(f"{file}: rotary_pct = {config['rotary_pct']}; only 1.0 is rebuilt")
     if "rotary_base" not in config:
-        raise BuildError(f"{where / CHECKPOINT_CONFIG} has no rotary_base (the export dropped the model's rope_theta)")
+        raise BuildError(f"{file} has no rotary_base (the export dropped the model's rope_theta)")
+    if layout.gemma3:
+        missing = [key for key in GEMMA3_KEYS if key not in config]
+        if missing:
+            raise BuildError(f"{file}: {', '.join(missing)} missing; a {architecture} checkpoint needs "
+                             f"{', '.join(GEMMA3_KEYS)}")
+        for key in ("_sliding_window_pattern", "sliding_window", "query_pre_attn_scalar", "rope_local_base_freq"):
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise BuildError(f"{file}: {key} = {value!r} is not supported; allowed: a positive number")
     quant = config.get("quantization") or {}
     for key, allowed in (("quant_algo", QUANT_ALGOS), ("kv_cache_quant_algo", ("FP8",))):
         if quant.get(key) not in (None, *allowed):
-            raise BuildError(f"{where / CHECKPOINT_CONFIG}: quantization.{key} = {quant.get(key)!r}; the gate "
+            raise BuildError(f"{file}: quantization.{key} = {quant.get(key)!r}; the gate "
                              f"checks {' / '.join(allowed)} (or unquantized) checkpoints only")
 
 
