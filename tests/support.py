@@ -148,6 +148,32 @@ def save_tiny_model(folder: Path, model_type: str = "llama", **config_values) ->
     return folder
 
 
+# Gemma 3's block on a tiny random model: a window of 4 tokens (shorter than the prompts the tests run, so the sliding
+# layer's mask and its own RoPE base matter at every step), one sliding then one full layer, final soft-capping on.
+TINY_GEMMA3 = dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                   query_pre_attn_scalar=32, rope_local_base_freq=10.0, hidden_activation="gelu_pytorch_tanh",
+                   final_logit_softcapping=3.0)
+
+
+def save_tiny_gemma3(folder: Path, **config_values) -> Path:
+    """`save_tiny_model` of TINY_GEMMA3 (`config_values` add to or replace it) with its RMSNorm weights drawn away
+    from zero, so that the (1 + weight) norms are exercised. They are drawn where 1 + weight is a bfloat16 number:
+    TensorRT-LLM checkpoints store that sum in bf16, so a rebuild from one can then be compared with the model
+    exactly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    save_tiny_model(folder, "gemma3_text", **{**TINY_GEMMA3, **config_values})
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_((1.0 + 0.3 * torch.randn_like(parameter)).bfloat16().float() - 1.0)
+    model.save_pretrained(folder)
+    return folder
+
+
 @dataclass
 class Collector:
     """Outputs of one engine request, with a flag set on its final output."""

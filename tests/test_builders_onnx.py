@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from support import save_tiny_model
+from support import TINY_GEMMA3, save_tiny_gemma3, save_tiny_model
 
 from tritonllm.builders.errors import BuildError
 from tritonllm.builders.onnx_graph import DecoderGeometry, write_decoder
@@ -121,28 +121,9 @@ def test_an_architecture_the_builder_cannot_serve_is_refused_by_name(tmp_path):
         write_decoder(hf_dir, tmp_path, "fp32")
 
 
-# Gemma 3's block on a tiny random model: a window of 4 tokens, shorter than every parity prompt (36-44 tokens), so
-# the sliding layer's mask and its own RoPE base matter at every step; norms drawn away from zero so that the (1 +
-# weight) RMSNorms are exercised; final soft-capping on.
-TINY_GEMMA3 = dict(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                   query_pre_attn_scalar=32, rope_local_base_freq=10.0, hidden_activation="gelu_pytorch_tanh",
-                   final_logit_softcapping=3.0)
-
-
 @pytest.fixture(scope="module")
 def tiny_gemma3_dir(tmp_path_factory) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder = save_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3_text", **TINY_GEMMA3)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.normal_(0.0, 0.3)
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
 
 
 @pytest.fixture(scope="module")

@@ -127,11 +127,12 @@ def test_fp8_gemm_matches_model_optimizer_simulated_quantization(exported):
 
 
 def test_rebuild_matches_transformers_on_an_unquantized_checkpoint(tiny_llama_dir, heldout_ids, tmp_path):
-    from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from transformers import AutoModelForCausalLM
 
+    from tritonllm.builders.trtllm_export import export_trtllm_checkpoint
+
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
-    export_tensorrt_llm_checkpoint(model, "llama", torch.bfloat16, tmp_path, inference_tensor_parallel=1)
+    export_trtllm_checkpoint(model, tmp_path)
     rebuilt = CheckpointModel(tmp_path, compute_dtype=torch.float32)
     ids = heldout_ids[0].unsqueeze(0)
     with torch.no_grad():
