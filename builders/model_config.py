@@ -73,6 +73,9 @@ def template_values(model: str, settings: RepositorySettings) -> dict[str, str]:
                                                        "engine.max_queue_delay_microseconds"),
                 "max_queue_size": _count(engine.max_queue_size, "engine.max_queue_size"),
                 **_string_parameters(gpt_model_path=settings.trtllm_engine_dir,
+                                     # one window for every layer unless the model has sliding-window layers
+                                     max_attention_window_size=",".join(map(str, settings.trtllm_attention_windows))
+                                     or engine.max_context_length,
                                      max_tokens_in_paged_kv_cache=engine.kv_cache_max_tokens,
                                      kv_cache_free_gpu_mem_fraction=engine.kv_cache_free_gpu_mem_fraction,
                                      enable_kv_cache_reuse=engine.enable_kv_cache_reuse)}

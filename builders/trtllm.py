@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from .errors import BuildError
+from .fp8_verify import checkpoint_architecture
 from tritonllm.contract import EngineSettings
 
 TRTLLM_BUILD = "trtllm-build"
@@ -36,6 +37,21 @@ def checkpoint_quantization(checkpoint_dir: Path) -> dict:
     if not config_file.is_file():
         raise BuildError(f"{checkpoint_dir} is not a TensorRT-LLM checkpoint (no config.json); run the FP8 build first")
     return json.loads(config_file.read_text()).get("quantization") or {}
+
+
+def attention_windows(checkpoint_dir: Path, settings: EngineSettings) -> tuple[int, ...]:
+    """The per-layer attention windows (tokens) the engine must be served with (RepositorySettings.
+    trtllm_attention_windows): a Gemma 3 checkpoint's sliding layers get its window, its full layers the whole
+    sequence (max_context_length); () for a checkpoint without sliding layers (every layer sees the whole sequence).
+    trtllm-build bakes no window into the engine: the runtime's max_attention_window_size applies it."""
+    config_file = Path(checkpoint_dir) / "config.json"
+    config = json.loads(config_file.read_text())
+    if "sliding_window" not in config:  # only Gemma 3 checkpoints carry windows (TensorRT-LLM's Gemma3ConfigGroup)
+        return ()
+    windows = checkpoint_architecture(config, Path(checkpoint_dir)).windows
+    if all(window is None for window in windows):
+        return ()
+    return tuple(min(window or settings.max_context_length, settings.max_context_length) for window in windows)
 
 
 def trtllm_build_args(checkpoint_dir: Path, engine_dir: Path, settings: EngineSettings,
@@ -102,6 +118,11 @@ def ngc_instructions(checkpoint_dir: Path, settings: EngineSettings) -> str:
     mounted = Path("/workspace/out")
     build = " ".join(trtllm_build_args(mounted / Path(checkpoint_dir).name, mounted / "engine", settings,
                                        checkpoint_quantization(checkpoint_dir)))
+    windows = attention_windows(checkpoint_dir, settings)
+    serve_windows = (f"The model has sliding-window layers, which the engine applies only through the runtime's "
+                     f"max_attention_window_size: serve it with one window per layer, "
+                     f"max_attention_window_size = \"{','.join(map(str, windows))}\" in the tensorrt_llm model's "
+                     f"config (the rendered repository sets it: trtllm_attention_windows). " if windows else "")
     return (
         f"{missing}\n"
         f"The checkpoint is ready in {checkpoint_dir}. Finish on a machine with an "
@@ -109,7 +130,7 @@ def ngc_instructions(checkpoint_dir: Path, settings: EngineSettings) -> str:
         f"  docker run --rm --gpus all -v {out_dir}:{mounted} {NGC_IMAGE} \\\n"
         f"    {build}\n"
         f"then render the repository with the engine folder as the server will see it (trtllm_engine_dir) and serve "
-        f"it from the same image tag: engines are tied to the TensorRT version inside it. "
+        f"it from the same image tag: engines are tied to the TensorRT version inside it. {serve_windows}"
         f"docker/Dockerfile.trtllm does all of it (FP8 export and gate, trtllm-build, repository, tritonserver).")
 
 

@@ -20,7 +20,7 @@ from .fp8_verify import GateThresholds
 from .repository import render_repository
 from tritonllm.contract import EngineSettings, RepositorySettings
 from .source import content_key, prepare_hf_model
-from .trtllm import build_engine
+from .trtllm import attention_windows, build_engine
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ def build_trtllm(model: str | Path | None, out_dir: Path | None, calib_file: Pat
                   f"(report {fp8.report_path})")
     engine_dir = build_engine(fp8.checkpoint_dir, out_dir / "engine", engine)  # TensorRTLLMUnavailable stops here
     settings = RepositorySettings(tokenizer_dir=hf_dir, trtllm_engine_dir=served_engine_dir or str(engine_dir),
+                                  trtllm_attention_windows=attention_windows(fp8.checkpoint_dir, engine),
                                   engine=engine)
     repository = render_repository(settings, out_dir / "repository")
     return TrtllmBuildResult(out_dir, fp8, engine_dir, repository)

@@ -4,6 +4,7 @@ server needed."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -162,6 +163,13 @@ def test_tensorrt_llm_engine_replaces_the_engine_step(artifacts, tmp_path):
         "batch_scheduler_policy": "guaranteed_no_evict", "kv_cache_free_gpu_mem_fraction": "0.8",
         "enable_kv_cache_reuse": "false", "exclude_input_in_output": "false"}
     assert trtllm.dynamic_batching.max_queue_delay_microseconds == 500
+    assert parameters["max_attention_window_size"] == "2048"  # no sliding layers: one window, the whole context
+    windowed = replace(settings, trtllm_attention_windows=(512, 512, 2048))
+    assert read_parameters(load_config(render_repository(windowed, tmp_path / "windowed"), TENSORRT_LLM))[
+        "max_attention_window_size"] == "512,512,2048"
+    with pytest.raises(SettingsError, match=r"trtllm_attention_windows = \(512, 4096\) is not allowed; allowed: "
+                                            r"with the tensorrt_llm engine, one window per layer in 1..2048"):
+        render_repository(replace(settings, trtllm_attention_windows=(512, 4096)), tmp_path / "too-wide")
 
     ensemble = load_config(repository, ENSEMBLE)
     # TensorRT-LLM takes no tenant (its own KV reuse is not scoped by tenant), no guided_* inputs (the ONNX

@@ -10,8 +10,8 @@ import pytest
 
 from tritonllm.builders.errors import BuildError
 from tritonllm.contract import EngineSettings, SettingsError
-from tritonllm.builders.trtllm import (NGC_IMAGE, TensorRTLLMUnavailable, build_engine, checkpoint_quantization,
-                                       ngc_instructions, trtllm_build_args)
+from tritonllm.builders.trtllm import (NGC_IMAGE, TensorRTLLMUnavailable, attention_windows, build_engine,
+                                       checkpoint_quantization, ngc_instructions, trtllm_build_args)
 
 
 def _checkpoint(folder: Path, quant_algo: str | None, kv_cache_quant_algo: str | None) -> Path:
@@ -96,3 +96,25 @@ def test_absent_tensorrt_llm_is_explained(tmp_path, monkeypatch):
 def test_a_folder_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(BuildError, match="is not a TensorRT-LLM checkpoint"):
         build_engine(tmp_path, tmp_path / "engine", EngineSettings(kind="tensorrt_llm"))
+
+
+def test_gemma3_sliding_windows_are_served_per_layer(tmp_path, monkeypatch):
+    """trtllm-build bakes no window into a Gemma 3 engine: the instructions and the repository carry one per layer
+    (the sliding layers' window, the whole sequence on every _sliding_window_pattern-th layer)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    checkpoint = _checkpoint(tmp_path / "out" / "trtllm_checkpoint", "FP8", None)
+    gemma3 = {"architecture": "Gemma3ForCausalLM", "num_hidden_layers": 7, "num_attention_heads": 4,
+              "hidden_size": 640, "head_size": 256, "hidden_act": "gelu", "position_embedding_type": "rope_gpt_neox",
+              "rotary_base": 1000000.0, "rotary_scaling": None, "max_position_embeddings": 32768,
+              "query_pre_attn_scalar": 256, "final_logit_softcapping": None, "_sliding_window_pattern": 3,
+              "rope_local_base_freq": 10000.0, "sliding_window": 512,
+              "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None}}
+    (checkpoint / "config.json").write_text(json.dumps(gemma3))
+    settings = EngineSettings(kind="tensorrt_llm", max_context_length=4096)
+    assert attention_windows(checkpoint, settings) == (512, 512, 4096, 512, 512, 4096, 512)
+    assert 'max_attention_window_size = "512,512,4096,512,512,4096,512"' in ngc_instructions(checkpoint, settings)
+    # A window longer than the context is the whole context.
+    assert attention_windows(checkpoint, EngineSettings(kind="tensorrt_llm", max_context_length=256)) == (256,) * 7
+    llama = _checkpoint(tmp_path / "llama", "FP8", None)
+    assert attention_windows(llama, settings) == ()
+    assert "max_attention_window_size" not in ngc_instructions(llama, settings)

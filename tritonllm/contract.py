@@ -352,6 +352,9 @@ class RepositorySettings:
     tokenizer_dir: Path  # HF folder holding tokenizer files (+ generation_config.json)
     onnx_dir: Path | None = None  # folder holding model.onnx (+ external data) for the onnxruntime engine
     trtllm_engine_dir: str = ""  # engine folder path *inside the serving container* for the tensorrt_llm engine
+    # Per-layer attention windows in tokens of the tensorrt_llm engine (its max_attention_window_size: TensorRT-LLM
+    # applies sliding windows, e.g. Gemma 3's, only at run time); empty: every layer sees the whole sequence.
+    trtllm_attention_windows: tuple[int, ...] = ()
     embedder_dir: Path | None = None  # folder holding the ONNX sentence embedder for the semantic cache
     # folder holding the draft model's decoder graph (speculative drafter draft_model); None: no draft model
     draft_onnx_dir: Path | None = None
@@ -377,6 +380,12 @@ class RepositorySettings:
         else:
             _check(bool(self.trtllm_engine_dir), "trtllm_engine_dir", self.trtllm_engine_dir,
                    "the engine folder as seen inside the serving container")
+        _check(all(isinstance(window, int) and 1 <= window <= self.engine.max_context_length
+                   for window in self.trtllm_attention_windows) and (
+                       not self.trtllm_attention_windows or self.engine.kind == "tensorrt_llm"),
+               "trtllm_attention_windows", self.trtllm_attention_windows,
+               f"with the tensorrt_llm engine, one window per layer in 1..{self.engine.max_context_length} "
+               f"(engine.max_context_length), or none")
         _check((Path(self.tokenizer_dir) / "tokenizer.json").is_file(), "tokenizer_dir", self.tokenizer_dir,
                "a Hugging Face folder holding tokenizer.json")
         _check(self.draft_onnx_dir is None or (self.engine.kind == "onnxruntime"
