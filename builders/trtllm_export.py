@@ -30,7 +30,8 @@ DECODER_TYPES = {"llama": "llama", "gemma3_text": "gemma3"}
 def sliding_window_pattern(config) -> int:
     """TensorRT-LLM's `_sliding_window_pattern` for a Gemma 3 config: the period p such that layer i uses full
     attention exactly when (i + 1) % p == 0. Read from the config's layer types (what transformers runs), not from
-    its own `_sliding_window_pattern`, which transformers no longer reads; refused when no period describes them."""
+    its own `_sliding_window_pattern` (a legacy field transformers only uses to default layer_types); refused when
+    no period describes them."""
     sliding = architecture_of(config).local_rope
     full = [index for index, local in enumerate(sliding) if not local]
     pattern = full[0] + 1 if full else len(sliding) + 1
