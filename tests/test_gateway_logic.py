@@ -174,3 +174,13 @@ def test_the_auto_model_is_the_first_candidate_a_replica_serves():
     served["b"] = "ensemble"  # b's repository has no llm
     pool.check_all()
     assert [replica.model for replica in pool.replicas] == ["llm", "ensemble"] and pool.ready_count() == 2
+
+
+@pytest.mark.parametrize("text", ["The capital of France is", "  two  spaces\tand\nlines", "日本語 and émoji 🎉",
+                                  "<|im_start|>user\nhi<|im_end|>\n", ""])
+def test_usage_counts_the_ids_the_tokenizer_gives(smollm2_tokenizer_dir, text):
+    from tritonllm.gateway.tokens import PromptTokens
+
+    tokens = PromptTokens(smollm2_tokenizer_dir)
+    assert tokens.count_prompt(text) == len(tokens.tokenizer(text, add_special_tokens=True)["input_ids"])
+    assert tokens.count_completion(text) == len(tokens.tokenizer(text, add_special_tokens=False)["input_ids"])
