@@ -23,7 +23,7 @@ $(STAMP): requirements.lock requirements-models.txt pyproject.toml
 demo: setup
 	$(VENV)/bin/tritonllm demo
 
-test: setup
+test: setup aiperf-setup
 	$(VENV)/bin/python -m pytest -q -ra tests
 
 test-fast: setup
@@ -42,4 +42,14 @@ genai-perf-setup: $(GENAI_PERF_VENV)/.installed
 $(GENAI_PERF_VENV)/.installed: requirements-genai-perf.txt
 	$(PYTHON) -m venv $(GENAI_PERF_VENV)
 	$(GENAI_PERF_VENV)/bin/pip install -q -r requirements-genai-perf.txt
+	touch $@
+
+# AIPerf wants numpy 2 and transformers 5 as well: its own environment (client/aiperf.py finds it here). `make test`
+# installs it, so the gateway's AIPerf test runs in CI.
+AIPERF_VENV := .venv-aiperf
+.PHONY: aiperf-setup
+aiperf-setup: $(AIPERF_VENV)/.installed
+$(AIPERF_VENV)/.installed: requirements-aiperf.txt
+	$(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install -q -r requirements-aiperf.txt
 	touch $@

@@ -35,7 +35,7 @@ ENGINE_COUNTERS = {
 
 @dataclass
 class ToolRow:
-    """One tool at one level: its own measurement (`level`: a bench LevelResult, a PerfLevel or a GenaiPerfLevel,
+    """One tool at one level: its own measurement (`level`: a bench LevelResult, a PerfLevel or a ProfileLevel,
     which all carry concurrency, output_tokens_per_s, requests_per_s, ttft_s, itl_s, latency_s)."""
 
     tool: str

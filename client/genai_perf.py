@@ -63,7 +63,9 @@ def genai_perf_command(binary: Path, url: str, model: str, tokenizer_dir: Path, 
 
 
 @dataclass
-class GenaiPerfLevel:
+class ProfileLevel:
+    """One concurrency level as genai-perf or its successor AIPerf reports it (both export the same metric names)."""
+
     model: str
     concurrency: int
     requests: int
@@ -76,15 +78,16 @@ class GenaiPerfLevel:
     result_path: Path
 
 
-def parse_genai_perf(result_path: Path, model: str, concurrency: int) -> GenaiPerfLevel:
-    """genai-perf's `profile_export_genai_perf.json` (milliseconds) in seconds."""
+def parse_profile_export(result_path: Path, model: str, concurrency: int) -> ProfileLevel:
+    """genai-perf's `profile_export_genai_perf.json` or AIPerf's `profile_export_aiperf.json` (milliseconds) in
+    seconds."""
     data = json.loads(Path(result_path).read_text())
 
     def seconds(metric: str) -> dict[str, float]:
         stats = data[metric]
         return {key: stats[key] / 1000 for key in ("p50", "p95", "p99", "avg") if key in stats}
 
-    return GenaiPerfLevel(
+    return ProfileLevel(
         model=model, concurrency=concurrency, requests=int(data["request_count"]["avg"]),
         requests_per_s=data["request_throughput"]["avg"], output_tokens_per_s=data["output_token_throughput"]["avg"],
         output_tokens_mean=data["output_sequence_length"]["avg"], ttft_s=seconds("time_to_first_token"),
@@ -93,7 +96,7 @@ def parse_genai_perf(result_path: Path, model: str, concurrency: int) -> GenaiPe
 
 def run_genai_perf(url: str, model: str, tokenizer_dir: Path, prompts: list[str], levels: list[int],
                    request_count: int, output_tokens: int, out_dir: Path, venv: Path | None = None,
-                   extra_inputs: dict[str, str] | None = None) -> list[GenaiPerfLevel]:
+                   extra_inputs: dict[str, str] | None = None) -> list[ProfileLevel]:
     """One genai-perf run per concurrency level against a running server (`url`: gRPC host:port)."""
     binary = genai_perf_binary(venv)
     prompt_file = write_prompt_file(prompts, out_dir / "genai_perf_prompts.jsonl")
@@ -112,5 +115,5 @@ def run_genai_perf(url: str, model: str, tokenizer_dir: Path, prompts: list[str]
         if done.returncode != 0 or not found:
             raise GenaiPerfError(f"genai-perf exited with {done.returncode} (log: {artifact_dir}/genai_perf.log):\n"
                                  f"{done.stdout[-1500:]}{done.stderr[-1500:]}")
-        results.append(parse_genai_perf(found[0], model, concurrency))
+        results.append(parse_profile_export(found[0], model, concurrency))
     return results

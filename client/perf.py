@@ -186,7 +186,7 @@ def save_perf_results(levels: list[PerfLevel], meta: dict, path: Path) -> Path:
 
 
 def perf_table(levels: list, title: str = "perf_analyzer (streaming)"):
-    """A rich table of PerfLevel (or genai_perf.GenaiPerfLevel: the same fields) rows."""
+    """A rich table of PerfLevel (or genai_perf.ProfileLevel: the same fields) rows."""
     from rich.table import Table
 
     table = Table(title=title)

@@ -153,6 +153,36 @@ def test_models_health_and_metrics(gateway, triton):
     assert 'tritonllm_gateway_tokens_total{kind="completion",tenant="alpha"}' in text
 
 
+def _chat_requests_answered(gateway) -> float:
+    from tritonllm.client.perf import parse_metrics
+
+    return sum(sample.value for sample in parse_metrics(requests.get(gateway.url + "/metrics", timeout=30).text)
+               if sample.name == "tritonllm_gateway_requests_total"
+               and sample.labels == {"endpoint": "/v1/chat/completions", "status": "200"})
+
+
+def test_aiperf_profiles_the_chat_endpoint_and_tritons_generate_stream(gateway, triton, tiny_repository, tmp_path):
+    from tritonllm.client.aiperf import (WARMUP_REQUESTS, AiperfError, aiperf_binary, gateway_chat_target,
+                                         run_aiperf, triton_generate_target)
+
+    try:
+        aiperf_binary()
+    except AiperfError as missing:
+        pytest.skip(str(missing))
+    prompts, output_tokens = [PROMPT, "Name three rivers.", "What is a lighthouse?"], 4
+    answered = _chat_requests_answered(gateway)
+    for target in (gateway_chat_target(gateway.url, MODEL, api_key="alpha"),
+                   triton_generate_target(triton.endpoints.http_url, "ensemble", tmp_path)):
+        [level] = run_aiperf(target, repository_tokenizer_dir(tiny_repository), prompts, [2], len(prompts),
+                             output_tokens, tmp_path)
+        assert (level.model, level.concurrency, level.requests) == (target.name, 2, len(prompts))
+        assert 0 < level.ttft_s["p50"] <= level.latency_s["p50"]
+        if target.model == "ensemble":  # the gateway's `llm` answers the repeats of its warm-up from the cache, whole
+            assert level.itl_s["p50"] > 0
+    # every request aiperf sent to the chat endpoint was answered by the gateway (none went around it)
+    assert _chat_requests_answered(gateway) - answered == len(prompts) + WARMUP_REQUESTS
+
+
 def test_requests_over_the_rate_limit_get_429_with_retry_after(gateway):
     body = {"model": MODEL, "prompt": "limit", "max_tokens": 2}
     replies = [requests.post(gateway.url + "/v1/completions", json=body, timeout=30,
