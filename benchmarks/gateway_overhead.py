@@ -11,7 +11,11 @@ is measured too (its process's utime + stime from /proc, which other load does n
 requests of 1 new token, per token from the extra CPU of requests of `--output-tokens` new tokens. On an idle core a
 request's added latency is about that CPU time plus one localhost hop.
 
-    .venv/bin/python benchmarks/gateway_overhead.py [--repository DIR] [--requests 32] [--concurrency 1,8]
+With `--aiperf`, NVIDIA AIPerf (`make aiperf-setup`; client/aiperf.py) then measures the same two sides with one
+tool, alternating, `--repeats` times: the gateway's `/v1/chat/completions` and Triton's own
+`/v2/models/ensemble/generate_stream`, both SSE, the chat template applied on both (by the gateway; by the ensemble).
+
+    .venv/bin/python benchmarks/gateway_overhead.py [--repository DIR] [--requests 32] [--concurrency 1,8] [--aiperf]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 from peers import start_server, stop_server, wait_ready
 
+from tritonllm.client.aiperf import gateway_chat_target, run_aiperf, triton_generate_target
 from tritonllm.client.bench import results_table, run_level
 from tritonllm.client.deployment import bundled_build
 from tritonllm.client.peers import OpenAICompletionsStream, TritonStream
@@ -53,6 +58,15 @@ def gateway_cpu(gateway_pid: int, system: OpenAICompletionsStream, prompts: list
             "cpu_ms_per_token": (spent[output_tokens] - spent[1]) / (output_tokens - 1)}
 
 
+def p50_overhead(native: list, through: list) -> dict[str, float]:
+    """Median over paired runs of what the gateway adds to TTFT, ITL and request latency p50, in milliseconds."""
+    def added(metric: str) -> float:
+        return statistics.median(1000 * (getattr(g, metric)["p50"] - getattr(n, metric)["p50"])
+                                 for n, g in zip(native, through))
+
+    return {"per_request_ms": added("ttft_s"), "per_token_ms": added("itl_s"), "latency_ms": added("latency_s")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, help="rendered repository; default: the bundled fp32 build")
@@ -60,6 +74,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--aiperf", action="store_true", help="also measure both sides with AIPerf")
     parser.add_argument("--out", type=Path, default=Path("bench-results/gateway_overhead.json"))
     args = parser.parse_args()
     repository = args.repository or bundled_build("fp32").repository_dir
@@ -88,6 +103,8 @@ def main() -> None:
                                  args.output_tokens, level)
                        for repeat in range(args.repeats) for level in levels for system in systems]
             cpu = gateway_cpu(gateway.pid, systems[1], prompts, args.output_tokens)
+            aiperf_levels = aiperf_runs(base_url, triton.endpoints.http_url, repository, prompts, levels, args) \
+                if args.aiperf else []
         finally:
             stop_server(gateway)
     from rich.console import Console
@@ -98,12 +115,7 @@ def main() -> None:
         native = [r for r in results if r.system == "ensemble-grpc" and r.concurrency == level]
         through = [r for r in results if r.system == "gateway-openai" and r.concurrency == level]
         overhead[level] = {
-            "per_request_ms": statistics.median(1000 * (g.ttft_s["p50"] - n.ttft_s["p50"])
-                                                for n, g in zip(native, through)),
-            "per_token_ms": statistics.median(1000 * (g.itl_s["p50"] - n.itl_s["p50"])
-                                              for n, g in zip(native, through)),
-            "latency_ms": statistics.median(1000 * (g.latency_s["p50"] - n.latency_s["p50"])
-                                            for n, g in zip(native, through)),
+            **p50_overhead(native, through),
             "native_tok_s": statistics.median(n.output_tokens_per_s for n in native),
             "gateway_tok_s": statistics.median(g.output_tokens_per_s for g in through)}
         print(f"concurrency {level}: gateway adds {overhead[level]['per_request_ms']:+.2f} ms to TTFT p50, "
@@ -112,10 +124,41 @@ def main() -> None:
               f" tok/s (medians of {args.repeats} alternating runs)")
     print(f"gateway CPU: {cpu['cpu_ms_per_request']:.2f} ms per request, {cpu['cpu_ms_per_token']:.3f} ms per token "
           f"({len(prompts)} requests at concurrency 1)")
+    aiperf_overhead = report_aiperf(aiperf_levels, levels, args.repeats) if aiperf_levels else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"overhead": overhead, "gateway_cpu": cpu, "results": [vars(r) for r in results]},
-                                   indent=2))
+    args.out.write_text(json.dumps({"overhead": overhead, "gateway_cpu": cpu, "results": [vars(r) for r in results],
+                                    "aiperf_overhead": aiperf_overhead,
+                                    "aiperf": [vars(level) | {"result_path": str(level.result_path)}
+                                               for level in aiperf_levels]}, indent=2))
     print(f"wrote {args.out}")
+
+
+def aiperf_runs(gateway_url: str, triton_http_url: str, repository: Path, prompts: list[str], levels: list[int],
+                args: argparse.Namespace) -> list:
+    """AIPerf on both sides, alternating, each level `--repeats` times (a run-specific opening per run, as above)."""
+    out_dir = args.out.parent / "aiperf"
+    targets = [triton_generate_target(triton_http_url, "ensemble", out_dir),
+               gateway_chat_target(gateway_url, SERVED_NAME)]
+    return [level for repeat in range(args.repeats) for concurrency in levels for target in targets
+            for level in run_aiperf(target, repository_tokenizer_dir(repository),
+                                    [f"({target.name}, c{concurrency}, r{repeat}) {prompt}" for prompt in prompts],
+                                    [concurrency], len(prompts), args.output_tokens, out_dir / f"r{repeat}")]
+
+
+def report_aiperf(aiperf_levels: list, levels: list[int], repeats: int) -> dict:
+    from tritonllm.client.perf import perf_table
+    from rich.console import Console
+
+    Console(width=160).print(perf_table(aiperf_levels, "AIPerf (streaming SSE)"))
+    overhead = {}
+    for level in levels:
+        native = [r for r in aiperf_levels if r.model.startswith("triton-") and r.concurrency == level]
+        through = [r for r in aiperf_levels if r.model == "gateway-chat" and r.concurrency == level]
+        overhead[level] = p50_overhead(native, through)
+        print(f"AIPerf, concurrency {level}: the gateway's chat endpoint adds {overhead[level]['per_request_ms']:+.2f} "
+              f"ms to TTFT p50 and {overhead[level]['per_token_ms']:+.3f} ms to ITL p50 against Triton's "
+              f"generate_stream (medians of {repeats} alternating runs)")
+    return overhead
 
 
 if __name__ == "__main__":
