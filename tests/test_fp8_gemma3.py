@@ -1,6 +1,7 @@
 """TensorRT-LLM path on a tiny random Gemma 3 (support.TINY_GEMMA3: a 4-token window on layer 0, full attention on
 layer 1, soft-capped logits): Model Optimizer's Gemma 3 checkpoint, its config against the source and what
-trtllm-build reads, the rebuild against transformers' Gemma3ForCausalLM, the FP8 gate, and refusals by name."""
+trtllm-build reads, the rebuild against transformers' Gemma3ForCausalLM, the FP8 gate, INT4 AWQ, and refusals by
+name."""
 
 from __future__ import annotations
 
@@ -161,3 +162,25 @@ def test_unsupported_gemma3_features_are_refused_by_name(bf16_checkpoint, tmp_pa
     capped = Gemma3TextConfig(attn_logit_softcapping=50.0, architectures=["Gemma3ForCausalLM"])
     with pytest.raises(BuildError, match="attn_logit_softcapping = 50.0 is not supported"):
         check_exportable(capped)
+
+
+def test_int4_awq_checkpoint_rebuilds_model_optimizers_fake_quantized_gemma3(gemma3_dir, gemma3_ids, tmp_path):
+    """The W4A16 AWQ path on the same layout: packed int4 weights with their group and pre-quant scales, rebuilt
+    like Model Optimizer's own fake-quantized model."""
+    from transformers import AutoConfig
+
+    model = _bf16_model(gemma3_dir)
+    calibrate_fp8(model, gemma3_ids, kv_cache_fp8=False, quant_algo="W4A16_AWQ")
+    export_checkpoints(model, tmp_path / CHECKPOINT_DIR, None, gemma3_dir)
+    with torch.no_grad():  # after the export: fused layers share their pre-quant scales in place
+        simulated = model(gemma3_ids[0].unsqueeze(0)).logits.float()
+    config = json.loads((tmp_path / CHECKPOINT_DIR / "config.json").read_text())
+    tensors = load_file(tmp_path / CHECKPOINT_DIR / "rank0.safetensors")
+    source = AutoConfig.from_pretrained(gemma3_dir)
+    expected = expected_quantization(RECIPES["int4_awq"][1], [], source)
+    assert config["quantization"] == expected and expected["group_size"] == 64  # divides hidden, heads x head_dim
+    assert config_mismatches(config, source, expected) == []
+    assert checkpoint_tensor_problems(config, tensors) == []
+    logits = CheckpointModel(tmp_path / CHECKPOINT_DIR).logits(gemma3_ids[0].unsqueeze(0))
+    assert (logits.argmax(-1) == simulated.argmax(-1)).float().mean() > 0.95
+    assert ((logits - simulated).abs().max() / simulated.abs().max()).item() < 0.05
