@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tritonllm.builders.errors import BuildError
-from tritonllm.builders.fp8 import (CHECKPOINT_DIR, HF_FP8_DIR, HELDOUT_FILE, RECIPES, REPORT_FILE, build_fp8,
-                                    calibrate_fp8, config_mismatches, expected_quantization, export_checkpoints,
-                                    hf_export_mismatches, load_prompts, select_recipes, tokenize_prompts)
+from tritonllm.builders.fp8 import (CHECKPOINT_DIR, HF_FP8_DIR, HELDOUT_FILE, RECIPES, REPORT_FILE, agreement_margin,
+                                    build_fp8, calibrate_fp8, config_mismatches, expected_quantization,
+                                    export_checkpoints, hf_export_mismatches, load_prompts, select_recipes,
+                                    tokenize_prompts)
 from tritonllm.builders.fp8_verify import (FP8_DTYPE, CheckpointModel, Fp8Linear, GateThresholds,
                                            checkpoint_tensor_problems, run_gate, score_sequences)
 
@@ -394,3 +395,13 @@ def test_reference_scores_are_kept_in_the_cache(tiny_llama_dir, heldout_ids, tmp
     for computed, kept in zip(first, again):
         assert all(torch.equal(a, b) for a, b in zip(computed.top1 + computed.nll, kept.top1 + kept.nll))
     assert len(other[0].top1) == 2
+
+
+def test_a_layer_choice_must_clear_the_scan_by_two_standard_errors():
+    """The scan of 8 calibration prompts (436 tokens for SmolLM2) measures agreement within about +-1.3 points: the
+    choice the search kept there without a margin (91.7%) then scored 88.98% in the gate; the next one clears it."""
+    threshold = GateThresholds().min_top1_agreement
+    assert 0.9174 - agreement_margin(0.9174, 436) < threshold <= 0.9312 - agreement_margin(0.9312, 436)
+    assert agreement_margin(0.9, 436) == pytest.approx(2 * (0.9 * 0.1 / 436) ** 0.5)
+    assert agreement_margin(1.0, 436) == 0 and agreement_margin(0.9, 4 * 436) == pytest.approx(
+        agreement_margin(0.9, 436) / 2)
