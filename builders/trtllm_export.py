@@ -69,6 +69,9 @@ def check_exportable(config) -> None:
     if not config.architectures:
         raise BuildError("config.json has no 'architectures'; the TensorRT-LLM export needs it")
     architecture_of(config)  # features the graph facts cannot represent (attention soft-capping, ...)
+    if getattr(config, "rope_scaling", None):  # exported as rotary_scaling, which fp8_verify does not rebuild
+        raise BuildError(f"rope_scaling = {config.rope_scaling!r} is not supported on the TensorRT-LLM path: its "
+                         f"gate rebuilds unscaled RoPE only (allowed: none)")
     if DECODER_TYPES[config.model_type] == "gemma3":
         sliding_window_pattern(config)
 

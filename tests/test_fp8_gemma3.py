@@ -162,6 +162,10 @@ def test_unsupported_gemma3_features_are_refused_by_name(bf16_checkpoint, tmp_pa
     capped = Gemma3TextConfig(attn_logit_softcapping=50.0, architectures=["Gemma3ForCausalLM"])
     with pytest.raises(BuildError, match="attn_logit_softcapping = 50.0 is not supported"):
         check_exportable(capped)
+    scaled_source = Gemma3TextConfig(rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                     architectures=["Gemma3ForCausalLM"])
+    with pytest.raises(BuildError, match="rope_scaling = .*'factor': 8.0.* is not supported on the TensorRT-LLM path"):
+        check_exportable(scaled_source)
 
 
 def test_int4_awq_checkpoint_rebuilds_model_optimizers_fake_quantized_gemma3(gemma3_dir, gemma3_ids, tmp_path):
