@@ -13,7 +13,8 @@ from tritonllm.contract import (CACHE_PARAMETERS, CALLED_MODEL_PARAMETER, DEFAUL
                                 ENGINE_MODEL_PARAMETER, ENGINE_PARAMETERS, ENSEMBLE_INPUTS,
                                 ENSEMBLE_URL_PARAMETER,
                                 ENSEMBLE_OUTPUTS, FORWARDED_INPUTS_PARAMETER, FRONT_INPUTS,
-                                ONNX_ENGINE_ONLY_INPUTS, FRONT_OUTPUTS, RepositorySettings, SettingsError,
+                                ONNX_ENGINE_ONLY_INPUTS, FRONT_OUTPUTS, SERVED_NAME_PARAMETER, RepositorySettings,
+                                SettingsError,
                                 encode_parameter, render_tensors)
 
 # Model folders of the rendered repository.
@@ -60,7 +61,9 @@ def template_values(model: str, settings: RepositorySettings) -> dict[str, str]:
         return {"triton_max_batch_size": request_batch,
                 "instance_count": _count(instances, f"{model}_instances"),
                 **_string_parameters(tokenizer_path=TOKENIZER_FOLDER,
-                                     max_context_length=engine.max_context_length)}
+                                     max_context_length=engine.max_context_length),
+                **(_string_parameters(**{SERVED_NAME_PARAMETER: settings.served_model_name})
+                   if model == PREPROCESSING else {})}
     if model == ENGINE:
         return {"triton_max_batch_size": request_batch,
                 **_string_parameters(onnx_path=f"{ONNX_FOLDER}/{ONNX_FILE}", tokenizer_path=TOKENIZER_FOLDER,

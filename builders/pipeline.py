@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tritonllm.paths import TEMPLATES_DIR, bundled_embedder, cache_dir
+from tritonllm.paths import TEMPLATES_DIR, bundled_embedder, cache_dir, served_name
 
 from .cache_calibration import Calibration, resolve_threshold
 from .errors import BuildError
@@ -116,6 +116,7 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
     if unknown:
         raise BuildError(f"unknown build settings {sorted(unknown)}; allowed: engine, cache, "
                          f"{', '.join(OVERRIDABLE_SETTINGS)}")
+    repository_overrides.setdefault("served_model_name", served_name(model))
     cache = cache or CacheSettings()
     engine.validate()  # fail on bad settings before minutes of export
     cache.validate()

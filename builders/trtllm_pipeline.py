@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tritonllm.paths import cache_dir
+from tritonllm.paths import cache_dir, served_name
 
 from .fp8 import Fp8Result, build_fp8
 from .fp8_verify import GateThresholds
@@ -47,6 +47,6 @@ def build_trtllm(model: str | Path | None, out_dir: Path | None, calib_file: Pat
     engine_dir = build_engine(fp8.checkpoint_dir, out_dir / "engine", engine)  # TensorRTLLMUnavailable stops here
     settings = RepositorySettings(tokenizer_dir=hf_dir, trtllm_engine_dir=served_engine_dir or str(engine_dir),
                                   trtllm_attention_windows=attention_windows(fp8.checkpoint_dir, engine),
-                                  engine=engine)
+                                  served_model_name=served_name(model), engine=engine)
     repository = render_repository(settings, out_dir / "repository")
     return TrtllmBuildResult(out_dir, fp8, engine_dir, repository)

