@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tritonllm.client.genai_perf import ProfileLevel, parse_profile_export, write_prompt_file
+from tritonllm.client.genai_perf import ProfileLevel, parse_profile_export, venv_tool, write_prompt_file
 
 AIPERF_VENV = ".venv-aiperf"
 RESULT_FILE = "profile_export_aiperf.json"
@@ -67,15 +67,7 @@ def triton_generate_target(http_url: str, model: str, work_dir: Path) -> AiperfT
 
 
 def aiperf_binary(venv: Path | None = None) -> Path:
-    """`aiperf` of `venv`, else of $AIPERF_VENV, else of ./.venv-aiperf, else the one on PATH."""
-    for folder in (venv, os.environ.get("AIPERF_VENV"), AIPERF_VENV):
-        if folder and (Path(folder) / "bin" / "aiperf").is_file():
-            return Path(folder) / "bin" / "aiperf"
-    on_path = shutil.which("aiperf")
-    if on_path:
-        return Path(on_path)
-    raise AiperfError("aiperf not found: run `make aiperf-setup` (its own venv, .venv-aiperf) or set AIPERF_VENV to a "
-                      "venv holding requirements-aiperf.txt")
+    return venv_tool("aiperf", venv, AIPERF_VENV, AiperfError)
 
 
 def aiperf_command(binary: Path, target: AiperfTarget, tokenizer_dir: Path, prompt_file: Path, concurrency: int,

@@ -30,16 +30,23 @@ class GenaiPerfError(RuntimeError):
     pass
 
 
-def genai_perf_binary(venv: Path | None = None) -> Path:
-    """`genai-perf` of `venv`, else of $GENAI_PERF_VENV, else of ./.venv-genai-perf, else the one on PATH."""
-    for folder in (venv, os.environ.get("GENAI_PERF_VENV"), GENAI_PERF_VENV):
-        if folder and (Path(folder) / "bin" / "genai-perf").is_file():
-            return Path(folder) / "bin" / "genai-perf"
-    on_path = shutil.which("genai-perf")
+def venv_tool(command: str, venv: Path | None, default_venv: str, error: type[Exception]) -> Path:
+    """`command` of `venv`, else of $<TOOL>_VENV (GENAI_PERF_VENV for .venv-genai-perf), else of ./`default_venv`,
+    else the one on PATH; `error` says how to install it (`make <tool>-setup`)."""
+    tool = default_venv.removeprefix(".venv-")
+    variable = f"{tool.replace('-', '_').upper()}_VENV"
+    for folder in (venv, os.environ.get(variable), default_venv):
+        if folder and (Path(folder) / "bin" / command).is_file():
+            return Path(folder) / "bin" / command
+    on_path = shutil.which(command)
     if on_path:
         return Path(on_path)
-    raise GenaiPerfError("genai-perf not found: run `make genai-perf-setup` (its own venv, .venv-genai-perf) or set "
-                         "GENAI_PERF_VENV to a venv holding requirements-genai-perf.txt")
+    raise error(f"{command} not found: run `make {tool}-setup` (its own venv, {default_venv}) or set {variable} to a "
+                f"venv holding requirements-{tool}.txt")
+
+
+def genai_perf_binary(venv: Path | None = None) -> Path:
+    return venv_tool("genai-perf", venv, GENAI_PERF_VENV, GenaiPerfError)
 
 
 def write_prompt_file(prompts: list[str], path: Path) -> Path:
