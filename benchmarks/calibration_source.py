@@ -6,10 +6,11 @@ distribution as the traffic calibration) and the gate's builders/data/heldout_pr
 
 - ONNX engine `--precision int4` (builders/awq.py scales, MatMulNBits 4-bit, lm_head 8-bit): write_decoder with the
   calibration file, scored by builders.parity.agreement (the int4 gate) through the serving executor.
-- TensorRT-LLM `--quant int4_awq` (Model Optimizer INT4_AWQ_CFG, W4A16 checkpoint): calibrate_fp8 + export, scored by
-  the gate's rebuild of the exported checkpoint (fp8_verify.run_gate).
+- TensorRT-LLM `--quant int4_awq` (`trtllm`: Model Optimizer INT4_AWQ_CFG, W4A16 checkpoint) and FP8 (`trtllm-fp8`:
+  per-tensor weight and activation scales, where calibration sets the activation ranges): calibrate_fp8 + export,
+  scored by the gate's rebuild of the exported checkpoint (fp8_verify.run_gate).
 
-  python benchmarks/calibration_source.py [--paths onnx,trtllm] [--calib-size 128] [--work DIR]
+  python benchmarks/calibration_source.py [--paths onnx,trtllm,trtllm-fp8] [--calib-size 128] [--work DIR]
                                           [--out bench-results/calibration_source.json]
 """
 
@@ -25,7 +26,8 @@ import torch
 
 from tritonllm.builders.fp8 import (DEFAULT_CALIBRATION_FILE, HELDOUT_FILE, calibrate_fp8, export_checkpoints,
                                     load_prompts, tokenize_prompts, torch_threads_for_load)
-from tritonllm.builders.fp8_verify import W4A16_AWQ, CheckpointModel, GateThresholds, run_gate, score_sequences
+from tritonllm.builders.fp8_verify import (PER_TENSOR, W4A16_AWQ, CheckpointModel, GateThresholds, run_gate,
+                                           score_sequences)
 from tritonllm.builders.onnx_graph import write_decoder
 from tritonllm.builders.parity import agreement
 from tritonllm.builders.source import prepare_hf_model
@@ -56,7 +58,12 @@ def onnx_rows(hf_dir: Path, work: Path) -> list[dict]:
     return rows
 
 
-def trtllm_rows(hf_dir: Path, work: Path, calib_size: int) -> list[dict]:
+# `--paths` value -> the TensorRT-LLM quantization it calibrates (Model Optimizer's, exported and rebuilt by the gate).
+TRTLLM_PATHS = {"trtllm": (W4A16_AWQ, "trtllm int4_awq (W4A16)"),
+                "trtllm-fp8": (PER_TENSOR, "trtllm fp8 per-tensor (weights + activations)")}
+
+
+def trtllm_rows(hf_dir: Path, work: Path, calib_size: int, path: str) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
@@ -64,18 +71,19 @@ def trtllm_rows(hf_dir: Path, work: Path, calib_size: int) -> list[dict]:
     reference_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     references = {name: score_sequences(lambda ids: reference_model(ids).logits, ids) for name, ids in heldouts.items()}
     del reference_model
+    quant_algo, label = TRTLLM_PATHS[path]
     rows = []
     for calibration, calib_file in CALIBRATIONS.items():
-        checkpoint = work / f"trtllm-int4-awq-{calibration}"
+        checkpoint = work / f"{path}-{calibration}"
         if not (checkpoint / "config.json").is_file():
             model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
-            calibrate_fp8(model, tokenize_prompts(tokenizer, load_prompts(calib_file, calib_size)), False, W4A16_AWQ)
+            calibrate_fp8(model, tokenize_prompts(tokenizer, load_prompts(calib_file, calib_size)), False, quant_algo)
             export_checkpoints(model, checkpoint, None, hf_dir)
             del model
         rebuilt = CheckpointModel(checkpoint)
         for heldout, ids in heldouts.items():
             report = run_gate(rebuilt, ids, references[heldout], GateThresholds())
-            rows.append({"path": "trtllm int4_awq (W4A16)", "calibration": calibration, "heldout": heldout,
+            rows.append({"path": label, "calibration": calibration, "heldout": heldout,
                          "top1_agreement": report.top1_agreement, "perplexity_increase": report.perplexity_increase,
                          "tokens": report.tokens})
     return rows
@@ -84,7 +92,7 @@ def trtllm_rows(hf_dir: Path, work: Path, calib_size: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder or .gguf (default: the bundled SmolLM2)")
-    parser.add_argument("--paths", default="onnx,trtllm")
+    parser.add_argument("--paths", default="onnx,trtllm", help="comma-separated: onnx, trtllm, trtllm-fp8")
     parser.add_argument("--calib-size", type=int, default=128, help="TensorRT-LLM calibration prompts")
     parser.add_argument("--work", type=Path, default=Path("bench-results/calibration-source"))
     parser.add_argument("--out", type=Path, default=Path("bench-results/calibration_source.json"))
@@ -96,8 +104,9 @@ def main() -> None:
     with torch_threads_for_load():
         if "onnx" in args.paths.split(","):
             rows += onnx_rows(hf_dir, args.work)
-        if "trtllm" in args.paths.split(","):
-            rows += trtllm_rows(hf_dir, args.work, args.calib_size)
+        for path in TRTLLM_PATHS:
+            if path in args.paths.split(","):
+                rows += trtllm_rows(hf_dir, args.work, args.calib_size, path)
     print("| path | calibrated on | scored on | top-1 agreement | perplexity vs fp32 | tokens |")
     print("|---|---|---|---|---|---|")
     for row in rows:
