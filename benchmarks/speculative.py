@@ -121,9 +121,9 @@ def run_peer(arm: str, extra: list[str], texts: list[str], concurrency: int, new
     import peers
     from tritonllm.client.peers import OpenAICompletionsStream
 
-    options = argparse.Namespace(concurrency=[concurrency], threads=2, llama_poll=0, env=[], prefix_caching=False,
-                                 llama_arg=[item.format(draft=peers.PEERS_DIR / "SmolLM2-135M-Instruct.Q8_0.gguf")
-                                            for item in extra])
+    draft = peers.PEERS_DIR / f"{peers.PEER_GGUF_NAMES[peers.DEFAULT_MODEL]}.Q8_0.gguf"
+    options = argparse.Namespace(model=peers.DEFAULT_MODEL, concurrency=[concurrency], threads=2, llama_poll=0,
+                                 env=[], prefix_caching=False, llama_arg=[item.format(draft=draft) for item in extra])
     port = free_port()
     spec = peers.llama_spec("llama-f32", options, port, 1024)
     base_url, log_path = f"http://127.0.0.1:{port}", out_dir / f"{arm}.log"
