@@ -9,6 +9,7 @@ add, no chat template in this base model. Marked `gemma` (the fixtures add it): 
 from __future__ import annotations
 
 import functools
+import uuid
 
 import pytest
 from test_bad_input import expect_invalid, good
@@ -128,7 +129,8 @@ def test_generation_across_the_sliding_window_matches_hf(gemma_server, gemma_ref
 
 def test_the_semantic_cache_serves_a_repeat(gemma_server):
     client = LLMClient(gemma_server.endpoints.grpc_url, model="llm")
-    params = GenerationParams(max_tokens=8, apply_chat_template=False, tenant="gemma-cache")
+    # A tenant of this run only: the cached build's cache snapshot keeps earlier runs' answers (restarts lose nothing)
+    params = GenerationParams(max_tokens=8, apply_chat_template=False, tenant=f"gemma-cache-{uuid.uuid4().hex}")
     first = list(client.events("The largest ocean on Earth is", params))
     again = list(client.events("The largest ocean on Earth is", params))
     assert not any(event.cache_hit for event in first) and all(event.cache_hit for event in again)
