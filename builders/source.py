@@ -43,15 +43,14 @@ def _hash_file(digest: "hashlib._Hash", file: Path) -> None:
 def resolve_source(model: str | Path | None) -> Path:
     """The file or folder `model` names: None is the bundled SmolLM2 GGUF, a bundled model's name
     (`tritonllm.paths.BUNDLED_MODELS`) its file, anything else a path that must exist."""
-    from tritonllm.paths import BUNDLED_MODELS, bundled_gguf
+    from tritonllm.paths import BUNDLED_MODELS, bundled_name
 
-    if model is None:
-        return bundled_gguf()
-    if str(model) in BUNDLED_MODELS and not Path(model).exists():
+    name = bundled_name(model)
+    if name is not None:
         try:
-            return BUNDLED_MODELS[str(model)]()
+            return BUNDLED_MODELS[name]()
         except FileNotFoundError as error:
-            raise BuildError(f"model {str(model)!r}: {error}") from error
+            raise BuildError(f"model {name!r}: {error}") from error
     path = Path(model).expanduser()
     if not path.exists():
         raise BuildError(f"model {str(model)!r} does not exist; give a Hugging Face model folder, a .gguf file or "

@@ -87,10 +87,19 @@ def gemma3_270m_gguf() -> Path:
 BUNDLED_MODELS = {"smollm2-135m-instruct": bundled_gguf, "gemma3-270m": gemma3_270m_gguf}
 
 
+def bundled_name(model: str | Path | None) -> str | None:
+    """The bundled model `model` names (None: the default one, SmolLM2), or None when it is a path (a bundled name
+    that is also an existing path is the path)."""
+    if model is None:
+        return next(iter(BUNDLED_MODELS))
+    return str(model) if str(model) in BUNDLED_MODELS and not Path(model).exists() else None
+
+
 def served_name(model: str | Path | None) -> str:
-    """The name a build serves `model` under: a bundled model's own name (None: the default one), else the file's
-    stem or the folder's name."""
-    if model is None or str(model) in BUNDLED_MODELS and not Path(model).exists():
-        return next(iter(BUNDLED_MODELS)) if model is None else str(model)
-    path = Path(model)
+    """The name a build serves `model` under: a bundled model's own name, else the file's stem or the folder's
+    name."""
+    name = bundled_name(model)
+    if name is not None:
+        return name
+    path = Path(model).expanduser()
     return path.stem if path.is_file() else path.resolve().name
