@@ -274,6 +274,10 @@ def test_the_served_name_is_recorded_for_the_gateway(artifacts, tmp_path):
     repository = render_repository(RepositorySettings(**artifacts, cache=FIXED_FLOOR, served_model_name="gemma3-270m"),
                                    tmp_path / "repository")
     assert repository_served_name(repository) == "gemma3-270m" and not lint_repository(repository)
+    config = repository / PREPROCESSING / "config.pbtxt"
+    config.write_text(config.read_text() + "parameters { key: \"broken\"\n")
+    with pytest.raises(ValueError, match="preprocessing/config.pbtxt.*does not parse"):
+        repository_served_name(repository)
     gguf = tmp_path / "My-Model.Q8_0.gguf"
     gguf.write_bytes(b"")
     (tmp_path / "hf-folder").mkdir()

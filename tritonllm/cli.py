@@ -369,7 +369,7 @@ def _gateway_server(settings, repository: Optional[Path], tokenizer: Optional[Pa
         return GatewayServer(settings, tokenizer_dir, api_keys).start()
     except SettingsError as error:
         _fail(str(error), USAGE_ERROR)
-    except (GatewayError, FileNotFoundError, OSError) as error:
+    except (GatewayError, OSError, ValueError) as error:
         _fail(str(error))
 
 

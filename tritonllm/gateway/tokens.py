@@ -51,13 +51,13 @@ def repository_tokenizer_dir(repository: Path) -> Path:
 
 def repository_served_name(repository: Path) -> str | None:
     """The name a rendered repository serves its model under (its preprocessing model's parameter); None for a
-    repository rendered before builds recorded it."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
+    repository rendered before builds recorded it. ValueError when an edit made that config unreadable."""
+    from tritonllm.builders.lint import CONFIG_FILE, format_findings, parse_config_text
     from tritonllm.builders.model_config import PREPROCESSING
     from tritonllm.contract import SERVED_NAME_PARAMETER, read_parameters
 
-    config = model_config_pb2.ModelConfig()
-    text_format.Parse((Path(repository) / PREPROCESSING / "config.pbtxt").read_text(), config)
+    file = Path(repository) / PREPROCESSING / CONFIG_FILE
+    config, findings = parse_config_text(file.read_text(), str(file))
+    if config is None:
+        raise ValueError(format_findings(findings))
     return read_parameters(config).get(SERVED_NAME_PARAMETER) or None
