@@ -15,7 +15,7 @@ from rich.console import Console
 
 from tritonllm.paths import cache_dir, served_name
 
-from .fp8 import Fp8Result, build_fp8
+from .fp8 import Fp8Result, build_fp8, select_recipes
 from .fp8_verify import GateThresholds
 from .repository import render_repository
 from tritonllm.contract import EngineSettings, RepositorySettings
@@ -34,14 +34,16 @@ class TrtllmBuildResult:
 def build_trtllm(model: str | Path | None, out_dir: Path | None, calib_file: Path | None, calib_size: int,
                  kv_cache_fp8: bool | None, engine: EngineSettings, gate: GateThresholds = GateThresholds(),
                  served_engine_dir: str | None = None, console: Console | None = None,
-                 quant: str = "fp8") -> TrtllmBuildResult:
-    """`quant`: fp8 or int4_awq (builders.fp8.QUANTS). `served_engine_dir`: the engine folder as tritonserver will
-    see it (a container path); default: where it is built here."""
+                 quant: str = "fp8", recipes: list[str] | None = None) -> TrtllmBuildResult:
+    """`quant`: fp8 or int4_awq (builders.fp8.QUANTS); `recipes`: only these of its recipes (names; default all).
+    `served_engine_dir`: the engine folder as tritonserver will see it (a container path); default: where it is
+    built here."""
     console = console or Console(stderr=True)
+    chosen = select_recipes(kv_cache_fp8, recipes, quant)  # before the model is prepared: a bad name fails at once
     hf_dir = prepare_hf_model(model, cache_dir(), progress=console.print)
     out_dir = Path(out_dir) if out_dir else cache_dir() / f"trtllm-{quant}-{content_key(hf_dir)[:16]}"
-    fp8 = build_fp8(hf_dir, out_dir / quant, calib_file, calib_size, kv_cache_fp8, gate, console, quant=quant,
-                    reference_cache=cache_dir() / "reference-scores")
+    fp8 = build_fp8(hf_dir, out_dir / quant, calib_file, calib_size, kv_cache_fp8, gate, console, recipes=chosen,
+                    quant=quant, reference_cache=cache_dir() / "reference-scores")
     console.print(f"[green]recipe {fp8.report.extra['recipe']} passed the gate[/]: {fp8.checkpoint_dir} "
                   f"(report {fp8.report_path})")
     engine_dir = build_engine(fp8.checkpoint_dir, out_dir / "engine", engine)  # TensorRTLLMUnavailable stops here

@@ -92,3 +92,11 @@ def test_user_errors_are_one_line_naming_the_option_and_exit_2(args, names):
     assert done.stderr.startswith("error: ")
     for name in names:
         assert name in done.stderr
+
+
+def test_build_refuses_unknown_or_misplaced_recipes_before_any_work():
+    unknown = run_cli("build", "--engine", "trtllm", "--quant", "fp8", "--recipe", "fp8-rowwise,fp8-bogus",
+                      timeout=120)
+    assert unknown.returncode == 1 and "['fp8-bogus'] is not known; allowed: fp8-per-tensor+fp8-kv" in unknown.stderr
+    misplaced = run_cli("build", "--recipe", "fp8-rowwise", timeout=120)
+    assert misplaced.returncode == 2 and "--recipe" in misplaced.stderr

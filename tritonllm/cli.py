@@ -99,6 +99,9 @@ def build(
         None, help="with --engine trtllm: fp8 or int4_awq (W4A16 AWQ; the ONNX engine's AWQ is --precision int4)"),
     kv_cache_dtype: Optional[KvCacheDtype] = typer.Option(
         None, help="with --quant: search only recipes with an fp8 (or bf16) KV cache; default: both"),
+    recipe: Optional[str] = typer.Option(
+        None, help="with --quant: search only these recipes (comma-separated, in the search's order), e.g. "
+                   "fp8-rowwise; default: all"),
     calib: Optional[Path] = typer.Option(
         None, help="calibration prompts (JSONL with a 'prompt' or 'text' field, e.g. a captured-traffic file): "
         "--quant fp8|int4_awq, or --precision int4 (AWQ)"),
@@ -122,6 +125,8 @@ def build(
         _usage_error("--quant", quant.value,
                      f"nothing with --engine onnxruntime (it takes --precision {'|'.join(PRECISIONS)}; its int4 is "
                      f"INT4 AWQ)")
+    if engine is Engine.onnxruntime and recipe is not None:
+        _usage_error("--recipe", recipe, "nothing with --engine onnxruntime (recipes are --quant's, TensorRT-LLM's)")
     if engine is Engine.trtllm and (draft is not None or draft_model is not None):
         _usage_error("--draft" if draft is not None else "--draft-model", (draft and draft.value) or draft_model,
                      "nothing with --engine trtllm (speculative drafting is the ONNX Runtime engine's)")
@@ -156,6 +161,7 @@ def build(
                     model=model, out_dir=out, calib_file=calib, calib_size=calib_size,
                     kv_cache_fp8=None if kv_cache_dtype is None else kv_cache_dtype is KvCacheDtype.fp8,
                     served_engine_dir=served_engine_dir, quant=quant.value,
+                    recipes=recipe.split(",") if recipe else None,
                     gate=GateThresholds(min_top1_agreement=gate_min_agreement,
                                         max_perplexity_increase=gate_max_perplexity_increase),
                     engine=EngineSettings(kind="tensorrt_llm", max_batch_size=max_batch_size,
