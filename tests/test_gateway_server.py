@@ -48,7 +48,7 @@ def tiny_repository(tmp_path_factory, embedder_dir) -> Path:
     root = tmp_path_factory.mktemp("gateway")
     settings = RepositorySettings(
         tokenizer_dir=prepare_hf_model(None, cache_dir()), onnx_dir=export_tiny_llama(root / "tiny"),
-        embedder_dir=embedder_dir, cache=CacheSettings(snapshot_interval_seconds=3600.0),
+        embedder_dir=embedder_dir, cache=CacheSettings(snapshot_interval_seconds=3600.0), served_model_name=MODEL,
         engine=EngineSettings(max_batch_size=8, max_context_length=512, kv_cache_max_tokens=8192, intra_op_threads=1))
     return repository.render_repository(settings, root / "repository")
 
@@ -356,7 +356,9 @@ def test_serve_with_a_gateway_port_serves_both_and_both_die_with_the_command(tin
     try:
         _wait_healthy(url, process)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="alpha", max_retries=0)
-        assert client.completions.create(model=GatewaySettings.served_model_name, prompt="hi", max_tokens=2).choices
+        # served under the name the repository was built with
+        assert [model.id for model in client.models.list()] == [MODEL]
+        assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices
     finally:
         assert _stopped_by_sigterm(process) == 0
     for port in (gateway_port, grpc_port):
@@ -368,13 +370,14 @@ def test_the_gateway_command_alone_fronts_running_triton_and_stops_on_sigterm(tr
     port = free_port()
     process = subprocess.Popen(
         [str(TRITONLLM), "gateway", "--triton", triton.endpoints.grpc_url, "--repository", str(tiny_repository),
-         "--port", str(port), "--served-model-name", MODEL], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         "--port", str(port), "--served-model-name", "renamed"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", process)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0).choices[0].text \
-            == native(triton, PROMPT, 3, chat=False)
+        assert [model.id for model in client.models.list()] == ["renamed"]  # the flag wins over the built name
+        reply = client.completions.create(model="renamed", prompt=PROMPT, max_tokens=3, temperature=0)
+        assert reply.choices[0].text == native(triton, PROMPT, 3, chat=False)
     finally:
         assert _stopped_by_sigterm(process) == 0
 
