@@ -167,9 +167,17 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
         g.weight("merged_heads_shape", np.array([0, 0, -1], np.int64))
         g.weight("qkv_sizes", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
 
-    embed = g.weight("model.embed_tokens.weight", state["model.embed_tokens.weight"])
     input_ids, seqlens_k, total_sequence_length, logits_index = DECODER_INPUTS
-    hidden = g.node("Gather", [embed, input_ids], ["embeddings"], "embed")
+    # lm_head's weight in the [hidden, vocab] layout MatMul takes. With tied embeddings the embedding gathers its
+    # columns, so the graph holds one copy of the table, not two (Gemma 3's is 671 MB in fp32).
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    lm_head = g.weight("lm_head.weight.transposed", state["lm_head.weight"].T)
+    if tied:
+        columns = g.node("Gather", [lm_head, input_ids], ["embedding_columns"], "embed", axis=1)
+        hidden = g.node("Transpose", [columns], ["embeddings"], "embed_rows", perm=[1, 2, 0])
+    else:
+        embed = g.weight("model.embed_tokens.weight", state["model.embed_tokens.weight"])
+        hidden = g.node("Gather", [embed, input_ids], ["embeddings"], "embed")
     if arch.embedding_scale is not None:
         # HF multiplies by the normalizer cast to the hidden dtype (float32 here).
         hidden = g.node("Mul", [hidden, g.weight("embedding_scale", np.array(arch.embedding_scale, np.float32))],
@@ -245,11 +253,10 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
     index = g.node("Unsqueeze", [logits_index, "axis_2"], ["logits_index_3d"], "logits_index_unsqueeze")
     index = g.node("Expand", [index, "hidden_size"], ["logits_index_expanded"], "logits_index_expand")
     picked = g.node("GatherElements", [normed, index], ["scored_hidden"], "pick_scored", axis=1)
-    lm_head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     logits = LOGITS
     if arch.final_logit_softcap:  # logits = cap * tanh(logits / cap), as HF applies it
         logits = "uncapped_logits"
-    g.node("MatMul", [picked, g.weight("lm_head.weight.transposed", lm_head.T)], [logits], "lm_head")
+    g.node("MatMul", [picked, lm_head], [logits], "lm_head")
     if arch.final_logit_softcap:
         cap = g.weight("final_logit_softcap", np.array(arch.final_logit_softcap, np.float32))
         divided = g.node("Div", [logits, cap], ["logits_over_cap"], "softcap_divide")
