@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# No wheel cache: a fresh CI machine may have only a few GB of disk, and every install here is made once.
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: setup system-packages demo test test-fast bench clean
 
@@ -24,7 +26,7 @@ demo: setup
 	$(VENV)/bin/tritonllm demo
 
 test: setup aiperf-setup
-	$(VENV)/bin/python -m pytest -q -ra tests
+	$(VENV)/bin/python -m pytest -q -ra --durations=15 tests
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -ra -m "not server and not model and not gpu and not gemma" tests

