@@ -12,6 +12,9 @@ Two levels of content-keyed caching under `tritonllm.paths.cache_dir()`:
   build.json), with the artifacts hard-linked in (copied across filesystems). A second build with the same key
   returns at once; a build that only changes a setting re-renders the repository (seconds) on the cached artifacts.
 
+The cache is held to `$TRITONLLM_CACHE_MAX_GB` (builders/cache_budget.py): every build marks what it used and
+evicts the least recently used entries beyond that, never one used in the last hour.
+
 Every artifact and build folder is written under a temporary name and renamed into place, so a crash never leaves a
 folder that looks finished. Only exports that passed their gate are published (drafts have none to pass).
 """
@@ -31,6 +34,7 @@ from typing import Any
 
 from tritonllm.paths import TEMPLATES_DIR, bundled_embedder, cache_dir, served_name
 
+from .cache_budget import mark_used, max_bytes_from_environment, prune
 from .cache_calibration import Calibration, resolve_threshold
 from .errors import BuildError
 from .files import atomic_dir, link_tree
@@ -121,6 +125,8 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
     engine.validate()  # fail on bad settings before minutes of export
     cache.validate()
     root = cache_dir()
+    max_cache_bytes = max_bytes_from_environment()
+    prune(root, max_cache_bytes)  # make room before this build adds to the cache
 
     with _steps(console) as step:
         with step("model source") as note:
@@ -154,6 +160,7 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
         finished = _finished_build(layout, build_key)
         if finished is not None:
             step.skip_all("cached build", layout.out_dir)
+            _record_use(root, layout, source, max_cache_bytes)
             return finished
 
         with step(f"ONNX graph + gate ({precision})") as note:
@@ -164,7 +171,18 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
                 draft_dir = _draft_artifact(*draft_source, draft, decoder_dir, hf_dir, root, note)
         with step("Triton model repository"):
             result = _assemble(layout, hf_dir, decoder_dir, embedder_dir, settings, build_key, calibration, draft_dir)
+    _record_use(root, layout, source, max_cache_bytes)
     return result
+
+
+def _record_use(root: Path, layout: "_Layout", source: Path, max_cache_bytes: int) -> None:
+    """Mark the build's folder and the artifacts its record names as just used, then hold the cache to its budget
+    (what was just used is kept: builders/cache_budget.py)."""
+    record = json.loads(layout.build_file.read_text())
+    mark_used(root, [layout.out_dir, source, *(Path(record[name]) for name in
+                                                ("source", "decoder_artifact", "embedder_artifact", "draft_artifact")
+                                                if record.get(name))])
+    prune(root, max_cache_bytes)
 
 
 class _Layout:
