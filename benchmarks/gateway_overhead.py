@@ -11,6 +11,10 @@ is measured too (its process's utime + stime from /proc, which other load does n
 requests of 1 new token, per token from the extra CPU of requests of `--output-tokens` new tokens. On an idle core a
 request's added latency is about that CPU time plus one localhost hop.
 
+The paired measurement (`--pairs`, on by default) takes the drift between runs out: each prompt goes to both sides
+back to back at concurrency 1, which one first alternating, and the overhead is the median over pairs of (gateway -
+native) TTFT and of (gateway - native) median ITL, with a 95% bootstrap interval of that median.
+
 With `--aiperf`, NVIDIA AIPerf (`make aiperf-setup`; client/aiperf.py) then measures the same two sides with one
 tool, alternating, `--repeats` times: the gateway's `/v1/chat/completions` and Triton's own
 `/v2/models/ensemble/generate_stream`, both SSE, the chat template applied on both (by the gateway; by the ensemble).
@@ -25,6 +29,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from peers import start_server, stop_server, wait_ready
@@ -67,6 +72,34 @@ def p50_overhead(native: list, through: list) -> dict[str, float]:
     return {"per_request_ms": added("ttft_s"), "per_token_ms": added("itl_s"), "latency_ms": added("latency_s")}
 
 
+def paired_overhead(native, through, prompts: list[str], output_tokens: int, resamples: int = 2000
+                    ) -> dict[str, dict[str, float]]:
+    """Each prompt to both systems back to back (which first alternates); per pair the added TTFT and the added
+    median ITL, in ms: their medians with a 95% bootstrap interval."""
+    import numpy as np
+
+    added_ttft, added_itl = [], []
+    for index, prompt in enumerate(prompts):
+        order = (native, through) if index % 2 == 0 else (through, native)
+        arrivals = {}
+        for system in order:
+            start = time.perf_counter()
+            times = list(system.stream(f"(pair {index}, {system.name}) {prompt}", output_tokens))
+            arrivals[system.name] = (times[0] - start, statistics.median(np.diff(times)))
+        (native_ttft, native_itl), (gateway_ttft, gateway_itl) = arrivals[native.name], arrivals[through.name]
+        added_ttft.append(1000 * (gateway_ttft - native_ttft))
+        added_itl.append(1000 * (gateway_itl - native_itl))
+    generator = np.random.default_rng(0)
+
+    def summary(values: list[float]) -> dict[str, float]:
+        array = np.asarray(values)
+        medians = np.median(generator.choice(array, (resamples, len(array))), axis=1)
+        return {"median_ms": float(np.median(array)), "ci95_low_ms": float(np.percentile(medians, 2.5)),
+                "ci95_high_ms": float(np.percentile(medians, 97.5)), "pairs": len(array)}
+
+    return {"per_request": summary(added_ttft), "per_token": summary(added_itl)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, help="rendered repository; default: the bundled fp32 build")
@@ -74,6 +107,8 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=128,
+                        help="prompts sent to both sides back to back at concurrency 1 (0: none)")
     parser.add_argument("--aiperf", action="store_true", help="also measure both sides with AIPerf")
     parser.add_argument("--out", type=Path, default=Path("bench-results/gateway_overhead.json"))
     args = parser.parse_args()
@@ -102,6 +137,8 @@ def main() -> None:
             results = [run_level(system, [f"({system.name}, c{level}, r{repeat}) {prompt}" for prompt in prompts],
                                  args.output_tokens, level)
                        for repeat in range(args.repeats) for level in levels for system in systems]
+            paired = paired_overhead(*systems, (prompts * (args.pairs // len(prompts) + 1))[:args.pairs],
+                                     args.output_tokens) if args.pairs else None
             cpu = gateway_cpu(gateway.pid, systems[1], prompts, args.output_tokens)
             aiperf_levels = aiperf_runs(base_url, triton.endpoints.http_url, repository, prompts, levels, args) \
                 if args.aiperf else []
@@ -122,11 +159,17 @@ def main() -> None:
               f"{overhead[level]['per_token_ms']:+.3f} ms to ITL p50, {overhead[level]['latency_ms']:+.2f} ms to "
               f"request latency p50; {overhead[level]['native_tok_s']:.1f} -> {overhead[level]['gateway_tok_s']:.1f}"
               f" tok/s (medians of {args.repeats} alternating runs)")
+    if paired:
+        for metric, label in (("per_request", "TTFT"), ("per_token", "median ITL")):
+            figure = paired[metric]
+            print(f"paired at concurrency 1: the gateway adds {figure['median_ms']:+.3f} ms to {label} (median of "
+                  f"{figure['pairs']} pairs; 95% interval {figure['ci95_low_ms']:+.3f} .. "
+                  f"{figure['ci95_high_ms']:+.3f} ms)")
     print(f"gateway CPU: {cpu['cpu_ms_per_request']:.2f} ms per request, {cpu['cpu_ms_per_token']:.3f} ms per token "
           f"({len(prompts)} requests at concurrency 1)")
     aiperf_overhead = report_aiperf(aiperf_levels, levels, args.repeats) if aiperf_levels else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"overhead": overhead, "gateway_cpu": cpu, "results": [vars(r) for r in results],
+    args.out.write_text(json.dumps({"overhead": overhead, "paired_overhead_c1": paired, "gateway_cpu": cpu, "results": [vars(r) for r in results],
                                     "aiperf_overhead": aiperf_overhead,
                                     "aiperf": [vars(level) | {"result_path": str(level.result_path)}
                                                for level in aiperf_levels]}, indent=2))
