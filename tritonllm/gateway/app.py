@@ -223,8 +223,8 @@ class Gateway:
                                 tenant=key.tenant, **({request.guide.input: request.guide.text} if request.guide
                                                       else {}))
 
-    async def _usage(self, key: ApiKey, prompt_tokens: asyncio.Future, answer: str) -> Usage:
-        usage = Usage(await prompt_tokens, self.tokens.count_completion(answer))
+    def _usage(self, key: ApiKey, prompt: str, answer: str) -> Usage:
+        usage = Usage(self.tokens.count_prompt(prompt), self.tokens.count_completion(answer))
         self.limiter.charge_tokens(key, usage.prompt_tokens + usage.completion_tokens)
         self.metrics.tokens.labels(key.tenant, "prompt").inc(usage.prompt_tokens)
         self.metrics.tokens.labels(key.tenant, "completion").inc(usage.completion_tokens)
@@ -239,8 +239,6 @@ class Gateway:
             self._admit(key)
             parsed = parse_request(parse_body(await self._read_body(request), self.settings), kind, self.settings)
             prompt = self.tokens.prompt_text(parsed)
-            # counted on a worker thread, off the way to the first token; awaited for `usage` at the end
-            prompt_tokens = asyncio.get_running_loop().run_in_executor(None, self.tokens.count_prompt, prompt)
             watch = ClientWatch(request)
             opened = await self._open(parsed, prompt, self._params(parsed, key), watch)
         except APIError as error:
@@ -255,7 +253,7 @@ class Gateway:
             return Response(status_code=499)
         self.metrics.first_piece.observe(time.perf_counter() - started)
         writer = ResponseWriter(parsed, self.settings.served_model_name)
-        answer = self._answer(opened, watch, writer, key, prompt_tokens, endpoint, started)
+        answer = self._answer(opened, watch, writer, key, prompt, endpoint, started)
         if parsed.stream:
             return EventStream(answer)
         try:
@@ -266,7 +264,7 @@ class Gateway:
             return Response(status_code=499)
 
     async def _answer(self, opened: OpenStream, watch: ClientWatch, writer: ResponseWriter, key: ApiKey,
-                      prompt_tokens: asyncio.Future, endpoint: str, started: float) -> AsyncIterator:
+                      prompt: str, endpoint: str, started: float) -> AsyncIterator:
         """Stream: SSE chunks as bytes. Whole answer: one body (a dict) at the end. Either way the Triton stream
         ends, or is cancelled, before this returns."""
         stream = writer.request.stream
@@ -284,7 +282,7 @@ class Gateway:
                     yield opening + sse(writer.piece(event.text))
                     opening = b""
                 event = await self._next(opened.upstream)
-            usage = await self._usage(key, prompt_tokens, "".join(pieces))
+            usage = self._usage(key, prompt, "".join(pieces))
             if stream:
                 yield opening + b"".join(sse(chunk) for chunk in writer.last_chunks(usage)) + SSE_DONE
             else:

@@ -30,13 +30,12 @@ class PromptTokens:
                                                    request.messages], add_generation_prompt=True, tokenize=False)
 
     # Counted by the `tokenizers` backend itself: the same ids as the transformers call without its per-call
-    # bookkeeping. encode_batch, even of one text, releases the GIL (encode does not), so the gateway can count on a
-    # worker thread while its event loop goes on.
+    # bookkeeping.
     def count_prompt(self, text: str) -> int:
-        return len(self.tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=True)[0])
+        return len(self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=True).ids)
 
     def count_completion(self, text: str) -> int:
-        return len(self.tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=False)[0]) if text else 0
+        return len(self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
 
 
 def repository_tokenizer_dir(repository: Path) -> Path:
