@@ -1,12 +1,13 @@
 """The build cache's size budget: content-keyed entries pile up with every model, setting and code version, so the
 least recently used go first once the cache is over `$TRITONLLM_CACHE_MAX_GB` (default DEFAULT_MAX_GB).
 
-An entry is a top-level folder of the cache (`build-*`, `decoder-*`, `hf-*`, `models`, ...); its modification time
-is its last use, refreshed by `mark_used` whenever a build reuses or makes it. An entry used within IN_USE_SECONDS
-is never evicted: a server may be running from it. Sizes count each file once, however many hard links it has (a
-build folder links its artifacts, so removing it frees only what no other entry links). Folders whose names start
-with "." are staging folders (files.atomic_dir); one older than IN_USE_SECONDS was left by a process that died and
-is removed.
+An entry is a top-level folder of the cache that the build pipeline made (ARTIFACT_PREFIXES: a build folder is
+self-contained, its artifacts hard-linked in, so no entry needs another); other folders (links into a venv, logs)
+are left alone. Its modification time is its last use, refreshed by `mark_used` whenever a build reuses or makes it.
+An entry is never evicted while locked (`tritonllm.paths.hold_cache_entry`: a tritonserver serving a build holds
+its lock) or used within IN_USE_SECONDS. Sizes count each file once, however many hard links it has (removing a
+build folder frees only what no other entry links). Staging folders (".<entry name>.*", files.atomic_dir) older than
+IN_USE_SECONDS were left by a process that died and are removed.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tritonllm.paths import cache_entry
+
 from .errors import BuildError
 
 MAX_GB_ENVIRONMENT = "TRITONLLM_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 20.0
 IN_USE_SECONDS = 3600.0
+ARTIFACT_PREFIXES = ("build-", "decoder-", "draft-", "embedder-", "hf-")
 
 
 def max_bytes_from_environment() -> int:
@@ -48,18 +52,10 @@ class Entry:
 
 def mark_used(root: Path, paths: Iterable[Path | None]) -> None:
     """Refresh the last use of the cache entries that hold `paths` (paths outside `root` are ignored)."""
-    root = Path(root).resolve()
     for path in paths:
-        if path is None:
-            continue
-        try:
-            relative = Path(path).resolve().relative_to(root)
-        except ValueError:
-            continue
-        if relative.parts:
-            entry = root / relative.parts[0]
-            if entry.exists():
-                os.utime(entry)
+        entry = None if path is None else cache_entry(path, root)
+        if entry is not None and entry.exists():
+            os.utime(entry)
 
 
 def _files(folder: Path) -> Iterable[os.stat_result]:
@@ -87,21 +83,36 @@ def prune(root: Path, max_bytes: int, now: float | None = None) -> list[Path]:
     removed = []
     entries = []
     for path in root.iterdir():
-        if not path.is_dir() or path.is_symlink():
+        staging = path.name.startswith(".")
+        if (not path.name.lstrip(".").startswith(ARTIFACT_PREFIXES) or not path.is_dir() or path.is_symlink()
+                or now - path.stat().st_mtime < IN_USE_SECONDS):
             continue
-        last_used = path.stat().st_mtime
-        if now - last_used < IN_USE_SECONDS:
-            continue
-        if path.name.startswith("."):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if staging:
+            if _remove_unless_locked(path):
+                removed.append(path)
         else:
-            entries.append(Entry(path, last_used))
+            entries.append(Entry(path, path.stat().st_mtime))
     total = cache_bytes(root)
     for entry in sorted(entries, key=lambda entry: entry.last_used):
         if total <= max_bytes:
             break
-        shutil.rmtree(entry.path, ignore_errors=True)
-        removed.append(entry.path)
-        total = cache_bytes(root)
+        if _remove_unless_locked(entry.path):
+            removed.append(entry.path)
+            total = cache_bytes(root)
     return removed
+
+
+def _remove_unless_locked(path: Path) -> bool:
+    """Remove `path` under an exclusive lock; False (and nothing removed) while anyone holds a lock on it."""
+    import fcntl
+
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    finally:
+        os.close(descriptor)

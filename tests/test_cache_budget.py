@@ -88,3 +88,36 @@ def test_a_build_evicts_what_was_last_used_long_ago_and_keeps_what_it_uses(tmp_p
     again = build(model=tiny, precision="fp32", cache=CacheSettings(enabled=False))
     assert again.cached and again.repository_dir.is_dir() and not abandoned.exists()
     assert first.out_dir.is_dir()
+
+
+def test_a_locked_entry_is_kept_and_folders_the_pipeline_did_not_make_are_left_alone(tmp_path, monkeypatch):
+    from tritonllm.paths import hold_cache_entry
+
+    monkeypatch.setenv("TRITONLLM_CACHE", str(tmp_path))
+    now = time.time()
+    served = entry(tmp_path, "build-served", 1, 5, now)
+    links = entry(tmp_path, "triton-backends-py3.11-abc", 1, 50, now)
+    lock = hold_cache_entry(served / "weights.bin")
+    try:
+        os.utime(served, (now - 5 * 3600, now - 5 * 3600))  # an old lock holder: still kept
+        assert prune(tmp_path, 0, now) == [] and served.is_dir() and links.is_dir()
+    finally:
+        os.close(lock)
+    assert prune(tmp_path, 0, time.time() + 2 * IN_USE_SECONDS) == [served] and links.is_dir()
+    assert hold_cache_entry(Path("/elsewhere")) is None
+
+
+@pytest.mark.server
+def test_a_running_tritonserver_holds_the_lock_on_the_build_it_serves(server, smollm2_build):
+    import fcntl
+
+    from tritonllm.paths import cache_entry
+
+    build = cache_entry(smollm2_build.repository_dir)
+    assert build == smollm2_build.out_dir.resolve()
+    descriptor = os.open(build, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(BlockingIOError):  # a probe only: released at once if it were ever taken
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(descriptor)

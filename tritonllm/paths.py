@@ -20,6 +20,32 @@ def cache_dir() -> Path:
     return path
 
 
+def cache_entry(path: Path, root: Path | None = None) -> Path | None:
+    """The top-level folder of the build cache (`root`, default cache_dir()) that holds `path` (a build, an
+    artifact); None when `path` is not in it."""
+    root = (cache_dir() if root is None else Path(root)).resolve()
+    try:
+        relative = Path(path).resolve().relative_to(root)
+    except ValueError:
+        return None
+    return root / relative.parts[0] if relative.parts else None
+
+
+def hold_cache_entry(path: Path) -> int | None:
+    """A shared lock on the cache entry holding `path` (None when it is not in the cache), held while the returned
+    descriptor, or a process that inherits it, stays open; its last use is refreshed too. The cache budget
+    (builders/cache_budget.py) never evicts a locked entry: a server running from a build keeps it."""
+    import fcntl
+
+    entry = cache_entry(path)
+    if entry is None or not entry.is_dir():
+        return None
+    descriptor = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(descriptor, fcntl.LOCK_SH)
+    os.utime(entry)
+    return descriptor
+
+
 def links_folder(name: str, installation: Path) -> Path:
     """A cache folder of symlinks into one installation (a venv's wheel files), keyed by that installation's path:
     checkouts with their own venvs, started at the same time or after another's venv is gone, never share links."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tritonllm import reaper
 from tritonllm.contract import ENSEMBLE_URL_ENVIRONMENT
-from tritonllm.paths import cache_dir, link, links_folder
+from tritonllm.paths import cache_dir, hold_cache_entry, link, links_folder
 
 NGC_ROOT = Path("/opt/tritonserver")
 # How long tritonserver waits for open connections and in-flight requests on SIGTERM before unloading models anyway
@@ -222,9 +222,16 @@ class TritonServer:
         env = os.environ | installation.env | {ENSEMBLE_URL_ENVIRONMENT: self.endpoints.grpc_url}
         # Own session and process group (the stubs inherit it): Ctrl-C in the terminal reaches us first and we shut
         # the server down in order, and one killpg ends every process it started.
-        self.process = subprocess.Popen(self.command(installation), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True, preexec_fn=_parent_death_signal())
-        log.close()
+        # tritonserver inherits a lock on the build it serves, so the build cache's budget never evicts it.
+        build_lock = hold_cache_entry(self.repository)
+        try:
+            self.process = subprocess.Popen(self.command(installation), stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True, preexec_fn=_parent_death_signal(),
+                                            pass_fds=() if build_lock is None else (build_lock,))
+        finally:
+            log.close()
+            if build_lock is not None:
+                os.close(build_lock)
         self._start_reaper()
         self._wait_ready(timeout, stop)
         self._remember_regions()
