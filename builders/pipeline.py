@@ -132,12 +132,14 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
         with step("model source") as note:
             source = resolve_source(model)
             hf_dir = prepare_hf_model(source, root, progress=note)
+            mark_used(root, [source, hf_dir])  # at once: a concurrent build's prune must not take it now
             source_key = content_key(source)  # the GGUF file or the HF folder itself
         embedder_dir = repository_overrides.pop("embedder_dir", None)
         embedder_dir = Path(embedder_dir) if embedder_dir is not None else None
         if embedder_dir is None and cache.enabled:
             with step("sentence embedder (semantic cache)"):
                 embedder_dir = _embedder_artifact(root)
+                mark_used(root, [embedder_dir])
         calibration = None
         if embedder_dir is not None and cache.enabled:
             with step(f"cache threshold for a false-hit budget of {cache.max_false_hit_rate}"):
@@ -147,6 +149,7 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
             with step("draft model source") as note:
                 draft_path = source if draft_model is None else Path(draft_model).expanduser()
                 draft_source = (prepare_hf_model(draft_path, root, progress=note), content_key(draft_path))
+                mark_used(root, [draft_path, draft_source[0]])
                 check_draft_vocabulary(hf_dir, draft_source[0])
         settings = RepositorySettings(tokenizer_dir=hf_dir, onnx_dir=None, embedder_dir=embedder_dir,
                                       engine=engine, cache=cache, **repository_overrides)
@@ -165,10 +168,12 @@ def build(model: str | Path | None = None, out_dir: Path | None = None, precisio
 
         with step(f"ONNX graph + gate ({precision})") as note:
             decoder_dir = _decoder_artifact(hf_dir, source_key, precision, root, note, calibration_file)
+            mark_used(root, [decoder_dir])
         draft_dir = None
         if draft_source is not None:
             with step(f"draft model graph ({draft}) + its agreement with the target") as note:
                 draft_dir = _draft_artifact(*draft_source, draft, decoder_dir, hf_dir, root, note)
+                mark_used(root, [draft_dir])
         with step("Triton model repository"):
             result = _assemble(layout, hf_dir, decoder_dir, embedder_dir, settings, build_key, calibration, draft_dir)
     _record_use(root, layout, source, max_cache_bytes)
