@@ -115,9 +115,15 @@ class _GraphWriter:
 
 
 def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None = None,
-                ) -> tuple["onnx.ModelProto", DecoderGeometry]:
+                share_tied_embedding: bool = False) -> tuple["onnx.ModelProto", DecoderGeometry]:
     """The fp32 graph with its weights in memory, and its geometry; `prepare` may rewrite the loaded model's weights
-    first (AWQ scaling for int4). Per-family differences come from `architecture_of(config)`."""
+    first (AWQ scaling for int4). Per-family differences come from `architecture_of(config)`.
+
+    lm_head is a MatMul on its own [hidden, vocab] copy of the weight, which the weight-only quantizer (MatMul nodes
+    only) turns into MatMulNBits. `share_tied_embedding` (the fp32 graph, which is not quantized): with tied
+    embeddings lm_head is instead a Gemm with transB on the embedding table itself, so the graph holds one copy
+    (Gemma 3's is 671 MB) at the same speed and with the same results.
+    """
     from onnx import TensorProto, helper
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -167,17 +173,9 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
         g.weight("merged_heads_shape", np.array([0, 0, -1], np.int64))
         g.weight("qkv_sizes", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
 
+    embed = g.weight("model.embed_tokens.weight", state["model.embed_tokens.weight"])
     input_ids, seqlens_k, total_sequence_length, logits_index = DECODER_INPUTS
-    # lm_head's weight in the [hidden, vocab] layout MatMul takes. With tied embeddings the embedding gathers its
-    # columns, so the graph holds one copy of the table, not two (Gemma 3's is 671 MB in fp32).
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    lm_head = g.weight("lm_head.weight.transposed", state["lm_head.weight"].T)
-    if tied:
-        columns = g.node("Gather", [lm_head, input_ids], ["embedding_columns"], "embed", axis=1)
-        hidden = g.node("Transpose", [columns], ["embeddings"], "embed_rows", perm=[1, 2, 0])
-    else:
-        embed = g.weight("model.embed_tokens.weight", state["model.embed_tokens.weight"])
-        hidden = g.node("Gather", [embed, input_ids], ["embeddings"], "embed")
+    hidden = g.node("Gather", [embed, input_ids], ["embeddings"], "embed")
     if arch.embedding_scale is not None:
         # HF multiplies by the normalizer cast to the hidden dtype (float32 here).
         hidden = g.node("Mul", [hidden, g.weight("embedding_scale", np.array(arch.embedding_scale, np.float32))],
@@ -256,7 +254,20 @@ def build_graph(hf_dir: Path, prepare: Callable[[torch.nn.Module], None] | None 
     logits = LOGITS
     if arch.final_logit_softcap:  # logits = cap * tanh(logits / cap), as HF applies it
         logits = "uncapped_logits"
-    g.node("MatMul", [picked, lm_head], [logits], "lm_head")
+    if share_tied_embedding and model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        # Gemm is 2-D: [batch * scored, hidden] x [vocab, hidden]^T, then back to [batch, scored, vocab]
+        g.weight("rows_by_hidden", np.array([-1, config.hidden_size], np.int64))
+        g.weight("vocab_size", np.array([config.vocab_size], np.int64))
+        rows = g.node("Reshape", [picked, "rows_by_hidden"], ["scored_rows"], "lm_head_rows")
+        row_logits = g.node("Gemm", [rows, embed], ["row_logits"], "lm_head", transB=1)
+        batch_scored = g.node("Shape", [picked], ["batch_scored"], "lm_head_batch_scored", end=2)
+        logits_shape = g.node("Concat", [batch_scored, "vocab_size"], ["logits_shape"], "lm_head_logits_shape",
+                              axis=0)
+        g.node("Reshape", [row_logits, logits_shape], [logits], "lm_head_logits")
+    else:
+        lm_head = g.weight("lm_head.weight.transposed",
+                           state.get("lm_head.weight", state["model.embed_tokens.weight"]).T)
+        g.node("MatMul", [picked, lm_head], [logits], "lm_head")
     if arch.final_logit_softcap:
         cap = g.weight("final_logit_softcap", np.array(arch.final_logit_softcap, np.float32))
         divided = g.node("Div", [logits, cap], ["logits_over_cap"], "softcap_divide")
@@ -333,7 +344,7 @@ def write_decoder(hf_dir: Path, out_dir: Path, precision: str, calibration_file:
     if precision not in GRAPH_PRECISIONS:
         raise BuildError(f"precision = {precision!r} is not supported; allowed: {', '.join(GRAPH_PRECISIONS)}")
     prepare = _awq_preparation(Path(hf_dir), calibration_file) if precision == "int4" else None
-    model_proto, geometry = build_graph(Path(hf_dir), prepare)
+    model_proto, geometry = build_graph(Path(hf_dir), prepare, share_tied_embedding=precision == "fp32")
     quantization = "none"
     if precision == "int8":
         model_proto = quantize_weights(model_proto, bits=8)

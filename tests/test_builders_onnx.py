@@ -39,7 +39,11 @@ def test_graph_has_the_engine_contract(fp32_dir):
     assert outputs == ["logits", *present_names(2)]
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipSimplifiedLayerNormalization") == 4
-    assert ops.count("MatMul") == 2 * 4 + 1  # packed qkv, o, packed gate/up, down per layer + lm_head
+    assert ops.count("MatMul") == 2 * 4  # packed qkv, o, packed gate/up, down per layer
+    # tied embeddings: lm_head multiplies by the embedding table itself (one copy of it in the graph)
+    (lm_head,) = [node for node in model.graph.node if node.op_type == "Gemm"]
+    assert lm_head.input[1] == "model.embed_tokens.weight"
+    assert "lm_head.weight.transposed" not in {tensor.name for tensor in model.graph.initializer}
     cache_dims = [dim.dim_param or dim.dim_value for dim in inputs["past_key_values.0.key"].type.tensor_type.shape.dim]
     assert cache_dims == ["batch", 2, "max_length", 16]
     geometry = DecoderGeometry.load(fp32_dir)
