@@ -13,7 +13,8 @@ Two levels of content-keyed caching under `tritonllm.paths.cache_dir()`:
   returns at once; a build that only changes a setting re-renders the repository (seconds) on the cached artifacts.
 
 The cache is held to `$TRITONLLM_CACHE_MAX_GB` (builders/cache_budget.py): every build marks what it used and
-evicts the least recently used entries beyond that, never one used in the last hour.
+evicts the least recently used entries beyond that, never one used in the last hour nor a build that a running
+tritonserver serves.
 
 Every artifact and build folder is written under a temporary name and renamed into place, so a crash never leaves a
 folder that looks finished. Only exports that passed their gate are published (drafts have none to pass).

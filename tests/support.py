@@ -6,7 +6,6 @@ Import them with `from support import ...`; test modules never import each other
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
