@@ -11,8 +11,10 @@ Without --embedder-dir the bundled MiniLM is exported (and checked) into a tempo
 Verifier: the train splits ship with the package (a build derives its threshold on them): `builders/data/
 cache_pairs_calibration.jsonl` (from templates, make_cache_pairs.py) and `builders/data/cache_pairs_natural_train.jsonl`
 (written by hand). The held-out splits: `data/cache_pairs_heldout.jsonl` (templates), `data/
-cache_pairs_natural_heldout.jsonl` (by hand, written with the natural train split before any rule was changed) and the
-independently written `data/paraphrases.jsonl`, which no rule was developed on. Each holds pairs of a cached prompt `a`
+cache_pairs_natural_heldout.jsonl` (by hand, written with the natural train split before any rule was changed),
+`data/cache_pairs_independent_heldout.jsonl` (300 pairs by a second separate writer; its twin by a first writer is the
+train split `builders/data/cache_pairs_independent_train.jsonl`; both were given only the categories, never this
+code or the other pairs) and the independently written `data/paraphrases.jsonl`, which no rule was developed on. Each holds pairs of a cached prompt `a`
 and a new prompt `b`, label `hit` (serving a's answer is right) or `miss` (a near miss), with a category (`kind`; a
 hand-written paraphrase also names its `rephrasing`: frame, contraction, politeness, order, inflection, synonym,
 terse).
@@ -38,7 +40,9 @@ from tritonllm.builders.cache_calibration import calibrate, load_pairs, scored, 
 DATA = Path(__file__).resolve().parent / "data" / "paraphrases.jsonl"
 HELDOUT = DATA.with_name("cache_pairs_heldout.jsonl")  # written by make_cache_pairs.py, like the calibration pairs
 NATURAL_HELDOUT = DATA.with_name("cache_pairs_natural_heldout.jsonl")
-HELDOUT_SPLITS = {"heldout": HELDOUT, "natural_heldout": NATURAL_HELDOUT, "paraphrases_jsonl": DATA}
+INDEPENDENT_HELDOUT = DATA.with_name("cache_pairs_independent_heldout.jsonl")
+HELDOUT_SPLITS = {"heldout": HELDOUT, "natural_heldout": NATURAL_HELDOUT, "independent_heldout": INDEPENDENT_HELDOUT,
+                  "paraphrases_jsonl": DATA}
 
 
 def verifier_report(embedder, max_false_hit_rate: float) -> dict:

@@ -1,7 +1,8 @@
 """Derive the semantic cache's cosine floor from the operator's error budget (`CacheSettings.max_false_hit_rate`).
 
 The calibration pairs (`data/cache_pairs_calibration.jsonl`, the train split of `benchmarks/make_cache_pairs.py`,
-and `data/cache_pairs_natural_train.jsonl`, the train split of the pairs written by hand) are a cached prompt `a`, a new prompt `b`, a label `hit` (serving a's answer for b is right) or `miss` (a near miss)
+`data/cache_pairs_natural_train.jsonl`, the train split of the pairs written by hand, and `data/
+cache_pairs_independent_train.jsonl`, the train split of pairs written by a separate writer) are a cached prompt `a`, a new prompt `b`, a label `hit` (serving a's answer for b is right) or `miss` (a near miss)
 and a category. A pair is served as in the cache: cosine(a, b) >= floor and the verifier accepts it. The derived
 floor is the lowest one on a 0.01 grid from which every higher floor also keeps the false-hit rate (wrong hits / all
 hits) within the budget: 1.0 when none does. `benchmarks/cache_eval.py verifier` reports held-out splits at it.
@@ -23,8 +24,8 @@ from tritonllm.contract import CacheSettings, SettingsError
 from tritonllm.paths import cache_dir
 from .source import content_key
 
-CALIBRATION_PAIRS = (Path(__file__).resolve().parent / "data" / "cache_pairs_calibration.jsonl",
-                     Path(__file__).resolve().parent / "data" / "cache_pairs_natural_train.jsonl")
+CALIBRATION_PAIRS = tuple(Path(__file__).resolve().parent / "data" / f"cache_pairs_{split}.jsonl"
+                          for split in ("calibration", "natural_train", "independent_train"))
 THRESHOLDS = [round(0.50 + 0.01 * step, 2) for step in range(50)]
 
 
