@@ -16,12 +16,22 @@ is an alignment of content words: both prompts are read into
   move ("in Python, how do I reverse a list" / "how do I reverse a list in Python") and the parts of "A and B" / "A or
   B" may swap, but words never move inside a phrase or across a direction word ("euros to dollars" / "dollars to
   euros", "Romans conquer Greeks" / "Greeks conquer Romans"); a terse form without prepositions may stand for one
-  with neutral ones only ("Berlin weather forecast" / "weather forecast for Berlin").
+  with neutral ones only ("Berlin weather forecast" / "weather forecast for Berlin"). Phrases move within their
+  clause only: a sentence is one, and "if" / "when" / "because" ... open another ("what time is it in London | when
+  it is 9 am in New York"), so two phrases never trade places across clauses; auxiliaries end a phrase ("how much
+  protein per day | should an adult eat").
+- abbreviations: capitals or a short word WordNet lacks stand for the words whose initials they spell ("NYC" / "New
+  York City", "US" / "United States", "GDP" / "gross domestic product"), and a short word WordNet lacks for a word
+  it has whose letters it keeps in order ("tbsp" / "tablespoons", "pwd" / "password").
 
 Before reading, common question frames are rewritten to one form each: "how much does X cost" / "what does X cost" /
 "X price" -> "what is the price of X"; "how tall is X" -> "what is the height of X" (age, length, distance, depth,
 weight, size, speed, width alike); "what does X mean / stand for", "X short for" -> "what is the meaning of X"; "who
-is the painter of X" -> "who painted X"; "what year" -> "when"; "how many miles is 10 km" -> "convert 10 km to miles".
+is the painter of X" -> "who painted X"; "what year" / "on what date did" -> "when"; "what is the reason that" /
+"how come" -> "why"; "at what temperature does X boil" -> "what is the boiling point of X"; "how does X differ from
+Y" -> "what is the difference between X and Y"; "how many miles is 10 km", "what is 10 km in miles" -> "convert 10 km
+to miles"; a request in the imperative ("list / name / define / calculate X") -> "what is X". Hedges and
+interjections ("sorry if this is a dumb question, but", "I was just wondering", "ugh") are framing, dropped.
 
 A candidate is served only when all of these agree. Any content word present on one side only (another entity, an
 antonym, a comparative, a constraint, another language) or the same words in another order is a conflict. Precision
@@ -47,6 +57,17 @@ _FRAMING = [
     "any idea", "quick question", "question", "help me understand", "help me", "i need help", "hey", "hi", "hello",
     "thanks", "thank you", "right now", "in simple terms", "briefly", "give me", "i need", "i want", "in detail",
     "would you mind telling me", "would you mind", "telling me", "thanks in advance", "in advance",
+    # hedges and interjections around a question
+    "sorry if this is a dumb question", "sorry if this is a stupid question", "sorry if this is a silly question",
+    "this might be a dumb question", "this may be a dumb question", "dumb question", "stupid question",
+    "silly question", "random question", "random one", "quick one", "a question for you", "question for you",
+    "one for you", "out of curiosity", "just curious", "i am curious", "i am just curious", "i have always been curious",
+    "i have always wondered", "i always wondered", "i was just wondering", "just wondering", "i would love to know",
+    "i would like to understand", "i am trying to figure out", "i am trying to understand", "i would love to learn",
+    "do you happen to know", "happen to know", "does anybody know", "anyone know", "remind me", "can you remind me",
+    "help me out", "could you help me out", "can you help", "if you can", "if possible", "real quick",
+    "by the way", "btw", "ugh", "oh", "hmm", "um", "uh", "okay", "ok so", "so", "well", "hey there", "hi there",
+    "good morning", "good evening", "cheers", "much appreciated", "appreciate it", "i appreciate it",
 ]
 # Ways to ask "how": each reads as one question word.
 _HOW = [
@@ -63,6 +84,7 @@ _HOW = [
 # Question frames rewritten to one form before reading (on lower-case text with contractions expanded).
 _ATTRIBUTES = {"tall": "height", "high": "height", "old": "age", "long": "length", "far": "distance",
                "deep": "depth", "heavy": "weight", "big": "size", "large": "size", "fast": "speed", "wide": "width"}
+_POINTS = {"boil": "boiling", "freeze": "freezing", "melt": "melting"}
 _ATTRIBUTE_NOUNS = sorted({*_ATTRIBUTES.values(), "price", "cost", "population", "meaning"})
 _AGENT_VERBS = {"author": "wrote", "writer": "wrote"}  # others are the verb + -er / -or (painter, inventor)
 _FRAMES = [
@@ -80,6 +102,20 @@ _FRAMES = [
     (r"\b(?:meaning|definition) of the (?:word|term|phrase|acronym|abbreviation)\b", "meaning of"),
     (r"\bdefinition\b", "meaning"),
     (r"\b(?:in )?(?:what|which) year\b", "when"),
+    (r"\b(?:on )?(?:what|which) (?:date|day)\b(?= (?:did|was|were|is|does|will)\b)", "when"),
+    (r"\b(?:what is the reason|for what reason|how come)(?: that| why)?\b", "why"),
+    (r"\bat what temperature( in \w+)? (?:does|do|will|can) (.+?) (boil|freeze|melt)s?\b",
+     lambda match: f"what is the {_POINTS[match.group(3)]} point of {match.group(2)}{match.group(1) or ''}"),
+    (r"\b(?:what|which) (?:city|town) is the capital\b", "what is the capital"),
+    (r"\bcapital city\b", "capital"),
+    (r"\bthe (?:greatest|largest|highest|biggest) number of\b", "the most"),
+    (r"\bhow (?:does|do|is|are) (.+?) (?:differ|different) from (.+?)(?=[?.!]|$)",
+     r"what is the difference between \1 and \2"),
+    (r"\bwhat is ([\d.,]+ (?:degrees? )?(\w+)) in (\w+)\b",  # "what is 100 degrees fahrenheit in celsius"
+     lambda match: f"convert {match.group(1)} to {match.group(3)}" if {match.group(2), match.group(3)} <= _UNITS.keys()
+     else match.group(0)),
+    # a request in the imperative asks what the thing is: "list the planets", "define photosynthesis"
+    (r"(?:^|(?<=[.?!:] )|(?<=please ))(?:list|name|define|identify|calculate|compute)\b(?! of\b)", "what is"),
     (r"\bwhere (is|are|was|were) (.+?) (?:located|situated)\b", r"where \1 \2"),
     (r"\bwho (?:is|was|are|were) the (\w+) of\b", lambda match: f"who {_agent_verb(match.group(1))}"),
     (rf"^(?!\W*(?:what|which|who|how|when|where|why)\b)(.+?) ({'|'.join(_ATTRIBUTE_NOUNS)})\W*$",
@@ -97,16 +133,20 @@ a an the is are was were be been being am do does did doing done have
 has had having i me my mine myself you your yours yourself we us our ours they them their theirs it its itself he him
 his she her hers this that these those there here so if then just really actually exactly basically some any
 anything something someone anyone thing things get got getting go going gonna wanna would will shall should may
-might must can could also too very quite pretty kind sort like well ok okay now currently
+might must can could also too very quite pretty kind sort like well ok okay now currently but
 """.split())
+_AUXILIARIES = set("is are was were am be been being do does did have has had can could will would shall should may "
+                   "might must".split())
 # Prepositions start a phrase that may move. A direction word keeps its identity ("from X" is not "to X"); the others
 # are one neutral marker ("on Windows" / "in Windows"), never equal to no preposition ("python in excel").
 _DIRECTIONS = set("""
 to from into onto than before after over under above below per vs versus against toward towards through via within
-across behind beyond between without
+across behind beyond between without during until near
 """.split())
-_NEUTRAL_PREPOSITIONS = {"in", "on", "at", "of", "for", "with", "by", "about", "as"}
+_NEUTRAL_PREPOSITIONS = {"in", "on", "at", "of", "for", "with", "by", "about", "as", "using"}
 _CONJUNCTIONS = {"and", "or"}  # the parts they join may swap
+# Words that open a subordinate clause; in the middle of a sentence they end the clause before them.
+_SUBORDINATORS = {"if", "when", "whenever", "while", "because", "unless", "although", "though", "whereas"}
 _TIME_ADVERBS = {"today", "tomorrow", "tonight", "yesterday"}  # a phrase of their own: they move freely
 # Spellings of one content word.
 _CANONICAL = {"cost": "price", "costs": "price", "prices": "price", "pricing": "price"}
@@ -149,7 +189,8 @@ _TOKEN = re.compile(r"""
   | (?P<number>\d+(?:[.,]\d+)*(?:st|nd|rd|th)?)
   | (?P<word>[^\W\d_]+(?:[+#]+|(?:'[^\W\d_]+)?))
   | (?P<symbol>[$€£%])
-  | (?P<separator>[,;:?!.()\[\]])
+  | (?P<sentence_end>[?!.])
+  | (?P<separator>[,;:()\[\]])
 """, re.VERBOSE)
 
 
@@ -161,12 +202,16 @@ class Reading:
     numbers: tuple[str, ...]  # sorted normalised numbers and times
     negated: bool
     content: tuple[str, ...]  # content words (numbers as "#7", units canonical) in order
-    layout: tuple[tuple[str, str], ...]  # ("word", w) | ("preposition", p) | ("and", "") | ("break", ""), in order
+    # ("word", w) | ("preposition", p) | ("and", "") | ("break", "") | ("clause", ""), in order
+    layout: tuple[tuple[str, str], ...]
+    acronyms: frozenset[str] = frozenset()  # content words written in capitals ("US", "GDP")
 
 
 @lru_cache(maxsize=65536)  # a cached prompt is read once per lookup that finds it; prompts repeat
 def read(prompt: str) -> Reading:
-    text = unicodedata.normalize("NFKC", prompt).lower().replace("\u2019", "'").replace("`", "'")
+    text = unicodedata.normalize("NFKC", prompt)
+    acronyms = _acronyms(text)
+    text = text.lower().replace("\u2019", "'").replace("`", "'")
     for pattern, replacement in _CONTRACTIONS:
         text = re.sub(pattern, replacement, text)
     for pattern, replacement in _FRAME_PATTERNS:
@@ -176,6 +221,7 @@ def read(prompt: str) -> Reading:
     numbers: list[str] = []
     negations = 0
     layout: list[tuple[str, str]] = []
+    leading_subordinate = False  # the clause now read opened with "if" / "when" / ...: a comma ends it
     position = 0
     while position < len(tokens):
         how = _match_phrase(tokens, position, _HOW_PHRASES)
@@ -193,11 +239,23 @@ def read(prompt: str) -> Reading:
         if kind in ("time", "number"):
             numbers.append(token)
             layout.append(("word", f"#{token}"))  # where the number stands matters ("5 km to miles")
+        elif token in acronyms:  # "US" is no pronoun, "WHO" no question
+            layout.append(("word", token))
+        elif kind == "sentence_end" or (kind == "separator" and leading_subordinate):
+            layout.append(("clause", ""))  # "When visiting Japan, | is tipping expected?"
+            leading_subordinate = False
         elif kind == "separator":
             layout.append(("break", ""))
+        elif token in _SUBORDINATORS and _clause_has_content(layout):
+            if token in _QUESTION_WORDS:
+                question.append(_QUESTION_WORDS[token])
+            layout.append(("clause", ""))
         elif token in _QUESTION_WORDS:
+            leading_subordinate = token in _SUBORDINATORS
             question.append(_QUESTION_WORDS[token])
             layout.append(("break", ""))
+        elif token in _SUBORDINATORS:
+            leading_subordinate = True
         elif token in _NEGATIONS:
             negations += 1
             if token == "without":
@@ -213,15 +271,56 @@ def read(prompt: str) -> Reading:
             layout += [("break", ""), ("word", token), ("break", "")]
         elif token in _UNITS:
             layout.append(("word", _UNITS[token]))
+        elif token in _AUXILIARIES:  # a subject starts after it: "protein | should an adult eat per day"
+            layout.append(("break", ""))
         elif token not in _FUNCTION_WORDS:
             layout.append(("word", _CANONICAL.get(token) or _MONTHS.get(token) or _ORDINALS.get(token) or token))
     content = tuple(word for kind, word in layout if kind == "word")
-    return Reading(tuple(sorted(question)), tuple(sorted(numbers)), negations % 2 == 1, content, tuple(layout))
+    return Reading(tuple(sorted(question)), tuple(sorted(numbers)), negations % 2 == 1, content, tuple(layout),
+                   frozenset(acronyms))
+
+
+def _acronyms(text: str) -> set[str]:
+    """Words of 2 to 6 capitals ("NYC", "GPUs" as "gpu"), lower-cased; none when the prompt is written in capitals."""
+    words = re.findall(r"[^\W\d_]+", text)
+    capitals = re.findall(r"\b([A-Z]{2,6})s?\b", text)
+    return {word.lower() for word in capitals} if len(capitals) * 2 < len(words) else set()
+
+
+def _abbreviation_candidates(reading: Reading) -> set[str]:
+    """Content words that may abbreviate words of the other prompt: capitals, and short words WordNet lacks."""
+    return set(reading.acronyms) | {word for word in reading.content
+                                     if 2 <= len(word) <= 6 and word.isalpha() and word not in _lexicon()}
+
+
+def _spelled_out(reading: Reading, abbreviations: set[str]) -> Reading:
+    """`reading` with each run of words whose initials spell one of `abbreviations` read as that abbreviation
+    ("New York City" as "nyc" against "NYC", "gross domestic product" as "gdp")."""
+    if not abbreviations:
+        return reading
+    layout, position = [], 0
+    while position < len(reading.layout):
+        for length in range(6, 1, -1):
+            run = reading.layout[position:position + length]
+            if (len(run) == length and all(kind == "word" for kind, _ in run)
+                    and "".join(word[0] for _, word in run) in abbreviations):
+                layout.append(("word", "".join(word[0] for _, word in run)))
+                position += length
+                break
+        else:
+            layout.append(reading.layout[position])
+            position += 1
+    if len(layout) == len(reading.layout):
+        return reading
+    return Reading(reading.question, reading.numbers, reading.negated,
+                   tuple(word for kind, word in layout if kind == "word"), tuple(layout), reading.acronyms)
 
 
 def conflict(cached_prompt: str, prompt: str) -> str | None:
     """Why `prompt` must not get `cached_prompt`'s answer, or None when both ask for the same answer."""
     cached, new = read(cached_prompt), read(prompt)
+    cached, new = (_spelled_out(cached, _abbreviation_candidates(new) - set(cached.content)),
+                   _spelled_out(new, _abbreviation_candidates(cached) - set(new.content)))
     if cached.numbers != new.numbers:
         return f"different numbers ({', '.join(cached.numbers) or 'none'} vs {', '.join(new.numbers) or 'none'})"
     if cached.negated != new.negated:
@@ -269,7 +368,7 @@ def _aligned(content: tuple[str, ...], reference: tuple[str, ...]) -> list[str]:
         if word in unmatched:
             unmatched.remove(word)
             aligned[position] = word
-    for same in (_same_lemma, _synonyms):
+    for same in (_same_lemma, _synonyms, _abbreviates):
         for position, word in enumerate(content):
             if aligned[position] is None:
                 mate = next((other for other in unmatched if same(word, other)), None)
@@ -280,8 +379,11 @@ def _aligned(content: tuple[str, ...], reference: tuple[str, ...]) -> list[str]:
 
 
 def _phrases_of(layout: tuple[tuple[str, str], ...]) -> list[tuple]:
-    """The layout as a sorted list of phrases (preposition, sorted parts joined by and/or, each part's words in
-    order): phrases may move, and so may the parts of "A and B", the words inside a part may not."""
+    """The layout as a sorted list of clauses, each a sorted tuple of phrases (preposition, sorted parts joined by
+    and/or, each part's words in order): phrases may move within their clause, and so may the parts of "A and B"
+    and the clauses themselves; the words inside a part may not, nor may a phrase move to another clause ("in
+    London when it is 9 am in New York" / "in New York when it is 9 am in London")."""
+    clauses: list[tuple] = []
     phrases: list[tuple] = []
     preposition, parts = "", [[]]
 
@@ -291,15 +393,31 @@ def _phrases_of(layout: tuple[tuple[str, str], ...]) -> list[tuple]:
             phrases.append((preposition, tuple(sorted(words))))
 
     for kind, value in layout:
-        if kind in ("break", "preposition"):
+        if kind in ("break", "preposition", "clause"):
             close()
             preposition, parts = (value if kind == "preposition" else ""), [[]]
+            if kind == "clause" and phrases:
+                clauses.append(tuple(sorted(phrases)))
+                phrases = []
         elif kind == "and":
             parts.append([])
         else:
             parts[-1].append(value)
     close()
-    return sorted(phrases)
+    if phrases:
+        clauses.append(tuple(sorted(phrases)))
+    return sorted(clauses)
+
+
+def _clause_has_content(layout: list[tuple[str, str]]) -> bool:
+    """Whether a content word stands since the last clause boundary: "if" / "when" there opens a second clause
+    ("what time is it in London | when it is 9 am in New York"); at the start it opens the first."""
+    for kind, _ in reversed(layout):
+        if kind == "clause":
+            return False
+        if kind == "word":
+            return True
+    return False
 
 
 def _same_lemma(first: str, second: str) -> bool:
@@ -320,6 +438,20 @@ def _synonyms(first: str, second: str) -> bool:
         if others & synonyms and not others & antonyms:
             return True
     return False
+
+
+def _abbreviates(first: str, second: str) -> bool:
+    """Whether one word is a shortening of the other: a word WordNet lacks, of 3 letters or more, whose letters
+    stand in order in a word it has, from its first ("tbsp" / "tablespoons", "pwd" / "password", "dict" /
+    "dictionary"), or a name of 4 letters or more that begins another name ("postgres" / "postgresql")."""
+    short, long = sorted((first, second), key=len)
+    lexicon = _lexicon()
+    if len(short) < 3 or short in lexicon or short[0] != long[0] or len(short) == len(long):
+        return False
+    if long not in lexicon and not _lemmas(long) & lexicon.keys():
+        return len(short) >= 4 and long.startswith(short)
+    letters = iter(long)
+    return all(letter in letters for letter in short)
 
 
 def _graded(lemmas: frozenset[str]) -> frozenset[str]:

@@ -38,6 +38,15 @@ NEAR_MISSES = {
                  ("Translate hello into Spanish.", "Translate hello into Italian.")],
     "constraint": [("How do I sort a list in python?", "How do I sort a list in python without sorted()?"),
                    ("Recommend a laptop.", "Recommend a laptop under $500.")],
+    # a phrase never moves to another clause or sentence
+    "clause": [("What time is it in London when it's 9am in New York?",
+                "What time is it in New York when it's 9am in London?"),
+               ("I'm in London. What time is it in Tokyo?", "I'm in Tokyo. What time is it in London?"),
+               ("If I leave Oslo at noon, when do I reach Bergen?", "If I leave Bergen at noon, when do I reach Oslo?")],
+    # an abbreviation stands only for words it spells
+    "abbreviation": [("What is the GDP of Japan?", "What is the gross national product of Japan?"),
+                     ("How do I join tables in SQL?", "How do I join tables in SQLite?"),
+                     ("Is PostgreSQL free?", "Is PostGIS free?")],
     "question": [("Why is the sky blue?", "When is the sky blue?")],
 }
 PARAPHRASES = [
@@ -75,6 +84,25 @@ PARAPHRASES = [
     ("Flights to Paris from Oslo", "Flights from Oslo to Paris"),
     ("Is it better to rent or buy?", "Is it better to buy or rent?"),
     ("What is the weather forecast for Berlin?", "Berlin weather forecast?"),
+    ("Using SQL, how do I find duplicate rows?", "How do I find duplicate rows using SQL?"),
+    ("How much protein per day should an adult eat?", "How much protein should an adult eat per day?"),
+    ("When visiting Japan, is tipping expected?", "Is tipping expected when visiting Japan?"),
+    # abbreviations: initials of the words on the other side, or a shortening of one word
+    ("What's the best pizza in NYC?", "What's the best pizza in New York City?"),
+    ("What is a good credit score in the US?", "What is a good credit score in the United States?"),
+    ("What is the GDP of Japan?", "What is the gross domestic product of Japan?"),
+    ("How many tbsp in a cup?", "How many tablespoons are in a cup?"),
+    ("How do I reset my wifi pwd?", "How do I reset my wifi password?"),
+    # hedges and interjections, requests in the imperative, more question frames
+    ("Who painted the Mona Lisa?", "I was just wondering, who painted the Mona Lisa?"),
+    ("Why is the sky blue?", "Sorry if this is a dumb question, but why is the sky blue?"),
+    ("Name the longest river in Africa.", "What is the longest river in Africa?"),
+    ("Define photosynthesis.", "What is photosynthesis?"),
+    ("Convert 100 degrees Fahrenheit to Celsius.", "What is 100 degrees Fahrenheit in Celsius?"),
+    ("What is the boiling point of ethanol?", "At what temperature does ethanol boil?"),
+    ("Why do cats purr?", "What's the reason that cats purr?"),
+    ("What's the difference between a virus and a bacterium?", "How does a virus differ from a bacterium?"),
+    ("Which city is the capital of Peru?", "What is Peru's capital city?"),
 ]
 
 
