@@ -4,6 +4,7 @@
     python benchmarks/cache_eval.py index [--entries 100000] [--hnsw] # faiss flat vs our IVF partition (vs HNSW)
     python benchmarks/cache_eval.py embedding [--embedder-dir DIR]    # batch 1 and 8, 1 and 2 threads
     python benchmarks/cache_eval.py e2e --url 127.0.0.1:8001 [--url B] [--pairs natural_heldout]  # served llm models
+    python benchmarks/cache_eval.py served --url 127.0.0.1:8001 --pairs independent_heldout  # every pair, served
     python benchmarks/cache_eval.py all --out results.json            # all but e2e
 
 Without --embedder-dir the bundled MiniLM is exported (and checked) into a temporary folder first.
@@ -182,9 +183,46 @@ def end_to_end_latency(urls: list[str], model: str, requests: int, max_tokens: i
     return results
 
 
+def served_pairs(url: str, model: str, max_tokens: int, pairs: Path) -> dict:
+    """Every labelled pair of `pairs` through a served front model, as a new user would check it: `a` is asked (it
+    is answered and cached), then `b`; `b` answered from the cache counts as a hit, right for a paraphrase and wrong
+    for a near miss. Each pair has a fresh tenant of its own, so that only `a` can answer `b` (in one tenant the
+    cached "What is the capital of Australia?" of one pair rightly answers the near miss "What's the capital of
+    Australia?" of another, which the label would count as wrong). Precision and recall per category as `verifier`
+    reports them, and the end-to-end time of `b`'s answer, hits and misses apart."""
+    import uuid
+
+    from tritonllm.client.api import GenerationParams, LLMClient
+
+    client = LLMClient(url, "grpc", model=model)
+    labelled = load_pairs(pairs)
+    served, seconds = [], []
+    run = uuid.uuid4().hex
+    for number, pair in enumerate(labelled):
+        params = GenerationParams(max_tokens=max_tokens, apply_chat_template=True, tenant=f"served-{run}-{number}")
+        list(client.events(pair["a"], params, stream=True))
+        started = time.perf_counter()
+        events = list(client.events(pair["b"], params, stream=True))
+        seconds.append(time.perf_counter() - started)
+        served.append(bool(events[0].cache_hit))
+    served, seconds = np.array(served), np.array(seconds)
+    should_hit = np.array([pair["label"] == "hit" for pair in labelled])
+    everything = (np.ones(len(labelled)), should_hit, served)  # the server applied its own floor already
+    report = {"pairs": pairs.name, **served_at(everything, 0.0),
+              "by_kind": {kind: served_at((np.ones(chosen.sum()), should_hit[chosen], served[chosen]), 0.0)
+                          for kind in sorted({pair["kind"] for pair in labelled})
+                          for chosen in [np.array([pair["kind"] == kind for pair in labelled])]},
+              "wrong_hit_pairs": [pair for pair, wrong in zip(labelled, served & ~should_hit) if wrong]}
+    for name, chosen in (("hit", served), ("miss", ~served)):
+        if chosen.any():
+            report[f"{name}_total_p50_ms"] = float(np.percentile(seconds[chosen] * 1e3, 50))
+            report[f"{name}_total_p95_ms"] = float(np.percentile(seconds[chosen] * 1e3, 95))
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["verifier", "index", "embedding", "e2e", "all"])
+    parser.add_argument("what", choices=["verifier", "index", "embedding", "e2e", "served", "all"])
     parser.add_argument("--embedder-dir", type=Path, help="an exported embedder folder (default: export one now)")
     parser.add_argument("--max-false-hit-rate", type=float, default=0.01, help="verifier: the error budget")
     parser.add_argument("--entries", type=int, default=100_000)
@@ -195,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=30, help="e2e: distinct prompts (each asked twice)")
     parser.add_argument("--max-tokens", type=int, default=32, help="e2e: tokens per answer")
     parser.add_argument("--pairs", choices=sorted(HELDOUT_SPLITS), default="natural_heldout",
-                        help="e2e: the held-out split whose should-hit pairs are asked")
+                        help="e2e: the held-out split whose should-hit pairs are asked; served: whose pairs")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -217,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "e2e":
             results["e2e"] = end_to_end_latency(args.url or ["127.0.0.1:8001"], args.model, args.requests,
                                                 args.max_tokens, HELDOUT_SPLITS[args.pairs])
+        if args.what == "served":
+            results["served"] = served_pairs((args.url or ["127.0.0.1:8001"])[0], args.model, args.max_tokens,
+                                             HELDOUT_SPLITS[args.pairs])
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
