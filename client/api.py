@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import queue
 import socket
+import struct
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterator, Literal
 
 import numpy as np
@@ -77,31 +78,54 @@ class StreamEvent:
 _WIRE_LIMITS = {"INT32": (-INT32_MAX - 1, INT32_MAX), "UINT64": (0, UINT64_MAX)}
 
 
-def _check_fits(params: GenerationParams) -> None:
-    for name, value in asdict(params).items():
-        limits = _WIRE_LIMITS.get(_INPUT_TYPES[name][0])
+def _sent_params(params: GenerationParams) -> dict[str, object]:
+    """The params that are sent (not None), name -> value; ValueError for an integer its input's wire type would
+    wrap. Read field by field: `asdict` would deep-copy every value."""
+    sent = {}
+    for param in fields(params):
+        value = getattr(params, param.name)
+        if value is None:
+            continue
+        limits = _WIRE_LIMITS.get(_INPUT_TYPES[param.name][0])
         if limits is not None and isinstance(value, int) and not limits[0] <= value <= limits[1]:
-            raise ValueError(f"{name} = {value} does not fit the input's {_INPUT_TYPES[name][0]} "
+            raise ValueError(f"{param.name} = {value} does not fit the input's {_INPUT_TYPES[param.name][0]} "
                              f"({limits[0]}..{limits[1]})")
+        sent[param.name] = value
+    return sent
+
+
+def request_values(prompt: str | bytes, params: GenerationParams, stream: bool) -> dict[str, tuple[str, list]]:
+    """Input name -> (wire datatype, the values of its one row, text as UTF-8 bytes) for the ensemble contract;
+    ValueError for an integer its input's data type cannot hold."""
+    values = {"text_input": [prompt.encode() if isinstance(prompt, str) else prompt], "stream": [stream]}
+    for name, value in _sent_params(params).items():
+        values[name] = [word.encode() if isinstance(word, str) else word
+                        for word in (value if isinstance(value, list) else [value])]
+    return {name: (_INPUT_TYPES[name][0], row) for name, row in values.items()}
 
 
 def request_arrays(prompt: str | bytes, params: GenerationParams, stream: bool) -> dict[str, tuple[str, np.ndarray]]:
-    """Input name -> (datatype, array with the batch dim of 1) for the ensemble contract; ValueError for an integer
-    its input's data type cannot hold."""
-    _check_fits(params)
-    text = prompt.encode() if isinstance(prompt, str) else prompt
-    arrays = {name: (_INPUT_TYPES[name][0], np.array([[value]], dtype=_INPUT_TYPES[name][1]))
-              for name, value in (("text_input", text), ("stream", stream))}
-    for name, value in asdict(params).items():
-        if value is None:
-            continue
-        datatype, dtype = _INPUT_TYPES[name]
-        if isinstance(value, list):
-            row = [w.encode() if isinstance(w, str) else w for w in value]
-            arrays[name] = (datatype, np.array([row], dtype=dtype))
-        else:
-            arrays[name] = (datatype, np.array([[value.encode() if isinstance(value, str) else value]], dtype=dtype))
-    return arrays
+    """`request_values` as arrays with the batch dim of 1: input name -> (datatype, array)."""
+    return {name: (datatype, np.array([row], dtype=_INPUT_TYPES[name][1]))
+            for name, (datatype, row) in request_values(prompt, params, stream).items()}
+
+
+# wire datatype -> the field of Triton's InferTensorContents that carries its values
+_CONTENTS_FIELDS = {"BYTES": "bytes_contents", "BOOL": "bool_contents", "INT32": "int_contents",
+                    "UINT64": "uint64_contents", "FP32": "fp32_contents"}
+
+
+def infer_request(model: str, prompt: str | bytes, params: GenerationParams, stream: bool):
+    """The gRPC `ModelInferRequest` of one stream request, built straight from `request_values` (typed contents:
+    no numpy arrays, no byte serialization), asking for the empty final response that marks a stream's end."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model, id=uuid.uuid4().hex)
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    for name, (datatype, row) in request_values(prompt, params, stream).items():
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=(1, len(row)))
+        getattr(tensor.contents, _CONTENTS_FIELDS[datatype]).extend(row)
+    return request
 
 
 class LLMClient:
@@ -156,7 +180,7 @@ class LLMClient:
                 if error is not None:
                     finished = True
                     raise GenerationError(_grpc_status(error), error.message())
-                event, finished = _read_response(result)
+                event, finished = _read_response(result.get_response())
                 if event is not None:
                     yield event
                 if finished:
@@ -184,7 +208,7 @@ class LLMClient:
 
 
 def infer_inputs(arrays: dict[str, tuple[str, np.ndarray]]) -> list:
-    """tritonclient gRPC inputs (the same class serves its asyncio client) for `request_arrays`' output."""
+    """tritonclient gRPC inputs for `request_arrays`' output (the blocking client; `AsyncStream` sends protobuf)."""
     from tritonclient.grpc import InferInput
 
     inputs = []
@@ -195,12 +219,19 @@ def infer_inputs(arrays: dict[str, tuple[str, np.ndarray]]) -> list:
     return inputs
 
 
-def _read_response(result) -> tuple[StreamEvent | None, bool]:
-    """(the text piece of one stream response, or None for an empty final response; whether it is the last)."""
-    response = result.get_response()
-    event = (_event_from_arrays(result.as_numpy) if any(output.name == "text_output" for output in response.outputs)
-             else None)
-    return event, response.parameters["triton_final_response"].bool_param
+def _read_response(response) -> tuple[StreamEvent | None, bool]:
+    """(the text piece of one stream response, a `ModelInferResponse`, or None for an empty final response; whether
+    it is the last). Read from the protobuf itself: Triton sends every output in `raw_output_contents`."""
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    last = response.parameters["triton_final_response"].bool_param
+    raw = {output.name: contents for output, contents in zip(response.outputs, response.raw_output_contents)}
+    if "text_output" not in raw:
+        return None, last
+    hit, similarity = raw.get("cache_hit"), raw.get("cache_similarity")
+    return StreamEvent(b"".join(deserialize_bytes_tensor(raw["text_output"]).tolist()).decode("utf-8"),
+                       None if hit is None else hit[0] != 0,
+                       None if similarity is None else struct.unpack_from("<f", similarity)[0]), last
 
 
 class StreamCancelled(Exception):
@@ -208,23 +239,19 @@ class StreamCancelled(Exception):
 
 
 class AsyncStream:
-    """One streamed request from an asyncio event loop, on a tritonclient `grpc.aio` client that many requests share
-    (one HTTP/2 channel per server, no thread per request). Iterate it for its events; `cancel()` from another task
-    cancels the request on the server, and a read waiting then raises `StreamCancelled`."""
+    """One streamed request from an asyncio event loop, on a `grpc.aio` channel that many requests share (one
+    HTTP/2 channel per server, no thread per request); `stub` is tritonclient's generated
+    `service_pb2_grpc.GRPCInferenceServiceStub` on that channel. Iterate it for its events; `cancel()` from another
+    task cancels the request on the server, and a read waiting then raises `StreamCancelled`.
 
-    def __init__(self, client, model: str, prompt: str | bytes, params: GenerationParams, stream: bool,
+    The call is driven by its own `write`/`read`/`done_writing` rather than a request iterator, which grpc.aio
+    would consume in a task of its own per request."""
+
+    def __init__(self, stub, model: str, prompt: str | bytes, params: GenerationParams, stream: bool,
                  timeout: float) -> None:
-        import asyncio
-
-        self._sent = asyncio.Event()  # the request side stays open until the answer ends (or is cancelled)
-        request = {"model_name": model, "inputs": infer_inputs(request_arrays(prompt, params, stream)),
-                   "request_id": uuid.uuid4().hex, "parameters": {"triton_enable_empty_final_response": True}}
-        self._responses = client.stream_infer(self._requests(request), stream_timeout=timeout)
+        self._unsent = infer_request(model, prompt, params, stream)
+        self._call = stub.ModelStreamInfer(timeout=timeout)
         self.finished = self.cancelled = False
-
-    async def _requests(self, request: dict):
-        yield request
-        await self._sent.wait()
 
     def __aiter__(self) -> "AsyncStream":
         return self
@@ -233,10 +260,15 @@ class AsyncStream:
         import asyncio
 
         from grpc import RpcError
+        from grpc.aio import EOF
 
         while not self.finished:
             try:
-                result, error = await self._responses.__anext__()
+                if self._unsent is not None:
+                    request, self._unsent = self._unsent, None
+                    if not self._call.done():  # a call that has already failed says why on the read
+                        await self._call.write(request)
+                response = await self._call.read()
             except asyncio.CancelledError:
                 # grpc.aio ends a read of a call cancelled here with CancelledError; only the task's own
                 # cancellation is passed on as one
@@ -246,49 +278,44 @@ class AsyncStream:
             except RpcError as failure:  # not reached, timed out, or a status from the server
                 if self.cancelled:
                     raise StreamCancelled from None
-                self._finish()
+                self.finished = True
                 raise GenerationError(failure.code().name, failure.details() or str(failure)) from None
-            except StopAsyncIteration:
-                self._finish()
-                raise GenerationError("UNKNOWN", "the stream ended without a final response") from None
-            if error is not None:
-                self._finish()
-                raise GenerationError(_grpc_status(error), error.message())
-            event, last = _read_response(result)
+            if response is EOF:
+                self.finished = True
+                raise GenerationError("UNKNOWN", "the stream ended without a final response")
+            if response.error_message:
+                await self._finish()
+                # Errors inside a gRPC stream carry only a message, no status code.
+                raise GenerationError("UNKNOWN", response.error_message)
+            event, last = _read_response(response.infer_response)
             if last:
-                self._finish()
+                await self._finish()
             if event is not None:
                 return event
         if self.cancelled:
             raise StreamCancelled
         raise StopAsyncIteration
 
-    def _finish(self) -> None:
+    async def _finish(self) -> None:
+        """The answer has ended: the request side is closed (it stays open until then), so the server ends the
+        call."""
         self.finished = True
-        self._sent.set()
+        await self._call.done_writing()
 
     def cancel(self) -> None:
         """Cancels the request on the server (a no-op once the answer has ended)."""
         if not self.finished:
             self.cancelled = True
-            self._finish()
-            self._responses.cancel()
-
-
-def _event_from_arrays(as_numpy) -> StreamEvent:
-    text = b"".join(as_numpy("text_output").reshape(-1).tolist()).decode("utf-8")
-    hit, similarity = as_numpy("cache_hit"), as_numpy("cache_similarity")
-    return StreamEvent(text, None if hit is None else bool(hit.reshape(-1)[0]),
-                       None if similarity is None else float(similarity.reshape(-1)[0]))
+            self.finished = True
+            self._call.cancel()
 
 
 def _http_body(prompt: str | bytes, params: GenerationParams, stream: bool) -> dict[str, object]:
     """JSON body of Triton's generate extension: input name -> scalar, or a list for BYTES [-1] inputs."""
-    _check_fits(params)
     if isinstance(prompt, bytes):
         prompt = prompt.decode("utf-8")  # JSON carries text only; send raw bytes over gRPC
     body: dict[str, object] = {"text_input": prompt, "stream": stream}
-    body.update({name: value for name, value in asdict(params).items() if value is not None})
+    body.update(_sent_params(params))
     return body
 
 

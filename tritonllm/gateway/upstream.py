@@ -1,9 +1,9 @@
 """The gateway's gRPC connections to its Triton replicas, seen from the event loop.
 
-Each replica gets one tritonclient `grpc.aio` client (one HTTP/2 channel) that all its requests share: a request is
-one bidirectional stream on it (`tritonllm.client.api.AsyncStream`), with no thread and no new connection per
-request. The channel reconnects by itself; its backoff is capped so that a replica that restarts is reachable
-again about as soon as its readiness check says so.
+Each replica gets one `grpc.aio` channel (one HTTP/2 connection), with tritonclient's generated stub on it, that all
+its requests share: a request is one bidirectional stream on it (`tritonllm.client.api.AsyncStream`), with no thread
+and no new connection per request. The channel reconnects by itself; its backoff is capped so that a replica that
+restarts is reachable again about as soon as its readiness check says so.
 """
 
 from __future__ import annotations
@@ -30,22 +30,26 @@ def _channel_options() -> list[tuple[str, int]]:
 
 
 class ReplicaChannels:
-    """One `grpc.aio` client per replica URL, made on first use inside the running event loop (grpc.aio channels
-    belong to the loop that made them) and closed by `close()` before that loop ends."""
+    """One `grpc.aio` channel and Triton stub per replica URL, made on first use inside the running event loop
+    (grpc.aio channels belong to the loop that made them) and closed by `close()` before that loop ends."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._clients: dict = {}
+        self._channels: list = []
+        self._stubs: dict = {}  # url -> its GRPCInferenceServiceStub
 
     def open(self, url: str, model: str, prompt: str, params: GenerationParams, stream: bool) -> AsyncStream:
-        client = self._clients.get(url)
-        if client is None:
-            import tritonclient.grpc.aio as grpcclient
+        stub = self._stubs.get(url)
+        if stub is None:
+            import grpc.aio
+            from tritonclient.grpc import service_pb2_grpc
 
-            client = self._clients[url] = grpcclient.InferenceServerClient(url, channel_args=_channel_options())
-        return AsyncStream(client, model, prompt, params, stream, self.timeout)
+            channel = grpc.aio.insecure_channel(url, options=_channel_options())
+            self._channels.append(channel)
+            stub = self._stubs[url] = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return AsyncStream(stub, model, prompt, params, stream, self.timeout)
 
     async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.close()
+        channels, self._channels, self._stubs = self._channels, [], {}
+        for channel in channels:
+            await channel.close()
