@@ -34,6 +34,7 @@ log = logging.getLogger("tritonllm.gateway")
 READY_TIMEOUT_SECONDS = 2.0
 # Triton statuses of a request that never reached a model: another replica may serve it.
 RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
+ENDPOINT_PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
 class ClientGone(Exception):
@@ -238,7 +239,7 @@ class Gateway:
 
     # -- endpoints -------------------------------------------------------------------------------------------------
     async def generate(self, request: Request, kind: Kind) -> Response:
-        started, endpoint = time.perf_counter(), request.url.path
+        started, endpoint = time.perf_counter(), ENDPOINT_PATHS[kind]
         watch = None
         try:
             key = self.authenticate(request.headers.get("authorization"))
@@ -339,13 +340,16 @@ def create_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="tritonllm OpenAI-compatible gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await gateway.generate(request, "chat")
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await gateway.generate(request, "completion")
+
+    # Plain Starlette routes: the gateway reads and checks the body itself, so FastAPI's per-request dependency
+    # solving and exit stack would only add CPU to every generation request.
+    app.add_route(ENDPOINT_PATHS["chat"], chat_completions, methods=["POST"])
+    app.add_route(ENDPOINT_PATHS["completion"], completions, methods=["POST"])
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
