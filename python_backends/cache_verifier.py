@@ -125,18 +125,18 @@ _FRAMES = [
 # "what does it cost" / "how much does it cost"); the content words still have to agree.
 _QUESTION_WORDS = {"what": "what", "which": "what", "how": "what", "who": "who", "whom": "who", "whose": "who",
                    "when": "when", "where": "where", "why": "why"}
+# Auxiliaries and modals: dropped too, but each ends the phrase before it (a subject may follow).
+_AUXILIARIES = set("is are was were am be been being do does did have has had can could will would shall should may "
+                   "might must".split())
 # Closed-class words that do not change what is asked. Words that carry direction or polarity (to/from, on/off,
 # in/out, up/down, before/after, with/without, more/less, than) are kept unless their counterpart is listed here:
 # "to", "on", "in" and "with" are dropped, so "from", "off", "out" and "without" stand unmatched against them.
 _FUNCTION_WORDS = set("""
-a an the is are was were be been being am do does did doing done have
-has had having i me my mine myself you your yours yourself we us our ours they them their theirs it its itself he him
-his she her hers this that these those there here so if then just really actually exactly basically some any
-anything something someone anyone thing things get got getting go going gonna wanna would will shall should may
-might must can could also too very quite pretty kind sort like well ok okay now currently but
-""".split())
-_AUXILIARIES = set("is are was were am be been being do does did have has had can could will would shall should may "
-                   "might must".split())
+a an the doing done having i me my mine myself you your yours yourself we us our ours they them their theirs it its
+itself he him his she her hers this that these those there here so if then just really actually exactly basically
+some any anything something someone anyone thing things get got getting go going gonna wanna also too very quite
+pretty kind sort like well ok okay now currently but
+""".split()) | _AUXILIARIES
 # Prepositions start a phrase that may move. A direction word keeps its identity ("from X" is not "to X"); the others
 # are one neutral marker ("on Windows" / "in Windows"), never equal to no preposition ("python in excel").
 _DIRECTIONS = set("""
