@@ -56,15 +56,22 @@ def verifier_report(embedder, max_false_hit_rate: float) -> dict:
     for name, path in HELDOUT_SPLITS.items():
         pairs = load_pairs(path)
         cosine, should_hit, accepted = scored(embedder, pairs)
-        report[name] = served_at((cosine, should_hit, accepted), threshold)
+        report[name] = split_report(pairs, (cosine, should_hit, accepted), threshold)
         report[name]["cosine_only_at_threshold"] = served_at((cosine, should_hit, np.ones_like(accepted)), threshold)
-        for group in ("kind", "rephrasing"):
-            report[name][f"by_{group}"] = {
-                value: served_at((cosine[chosen], should_hit[chosen], accepted[chosen]), threshold)
-                for value in sorted({pair[group] for pair in pairs if group in pair})
-                for chosen in [np.array([pair.get(group) == value for pair in pairs])]}
-        report[name]["wrong_hit_pairs"] = [pair for pair, wrong in zip(pairs, (cosine >= threshold) & accepted & ~should_hit)
-                                           if wrong]
+    return report
+
+
+def split_report(pairs: list[dict], scores: tuple[np.ndarray, np.ndarray, np.ndarray], threshold: float) -> dict:
+    """What `scores` serve at `threshold`: in all, per category (`kind`) and per rephrasing, and the wrong hits."""
+    cosine, should_hit, accepted = scores
+    report = served_at(scores, threshold)
+    for group in ("kind", "rephrasing"):
+        report[f"by_{group}"] = {
+            value: served_at((cosine[chosen], should_hit[chosen], accepted[chosen]), threshold)
+            for value in sorted({pair[group] for pair in pairs if group in pair})
+            for chosen in [np.array([pair.get(group) == value for pair in pairs])]}
+    report["wrong_hit_pairs"] = [pair for pair, wrong in zip(pairs, (cosine >= threshold) & accepted & ~should_hit)
+                                 if wrong]
     return report
 
 
@@ -207,12 +214,8 @@ def served_pairs(url: str, model: str, max_tokens: int, pairs: Path) -> dict:
         served.append(bool(events[0].cache_hit))
     served, seconds = np.array(served), np.array(seconds)
     should_hit = np.array([pair["label"] == "hit" for pair in labelled])
-    everything = (np.ones(len(labelled)), should_hit, served)  # the server applied its own floor already
-    report = {"pairs": pairs.name, **served_at(everything, 0.0),
-              "by_kind": {kind: served_at((np.ones(chosen.sum()), should_hit[chosen], served[chosen]), 0.0)
-                          for kind in sorted({pair["kind"] for pair in labelled})
-                          for chosen in [np.array([pair["kind"] == kind for pair in labelled])]},
-              "wrong_hit_pairs": [pair for pair, wrong in zip(labelled, served & ~should_hit) if wrong]}
+    # the server applied its own floor already: every pair counts as above it
+    report = {"pairs": pairs.name, **split_report(labelled, (np.ones(len(labelled)), should_hit, served), 0.0)}
     for name, chosen in (("hit", served), ("miss", ~served)):
         if chosen.any():
             report[f"{name}_total_p50_ms"] = float(np.percentile(seconds[chosen] * 1e3, 50))

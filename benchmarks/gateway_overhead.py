@@ -169,8 +169,8 @@ def main() -> None:
           f"({len(prompts)} requests at concurrency 1)")
     aiperf_overhead = report_aiperf(aiperf_levels, levels, args.repeats) if aiperf_levels else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"overhead": overhead, "paired_overhead_c1": paired, "gateway_cpu": cpu, "results": [vars(r) for r in results],
-                                    "aiperf_overhead": aiperf_overhead,
+    args.out.write_text(json.dumps({"overhead": overhead, "paired_overhead_c1": paired, "gateway_cpu": cpu,
+                                    "results": [vars(r) for r in results], "aiperf_overhead": aiperf_overhead,
                                     "aiperf": [vars(level) | {"result_path": str(level.result_path)}
                                                for level in aiperf_levels]}, indent=2))
     print(f"wrote {args.out}")
